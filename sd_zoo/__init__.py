@@ -1,0 +1,16 @@
+"""sd-zoo: stochastic-depth ResNets (Huang et al. 2016) in timm's model registry.
+
+``import sd_zoo`` registers the ``sd_*`` models, so ``timm.create_model('sd_resnet110')`` works.
+"""
+from .stochastic_depth import (
+    compile_blocks,
+    expected_depth,
+    fold_survival_scale,
+    set_gate_seed,
+    stochastic_blocks,
+    StochasticResidual,
+    survival_schedule,
+)
+from .models import *
+
+__version__ = '0.1.0'

@@ -1,0 +1,2 @@
+"""sd-zoo model families; importing this module registers every model with timm."""
+from .sd_resnet_cifar import *

@@ -1,0 +1,287 @@
+"""Stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016, arXiv:1603.09382).
+
+During training, residual block l survives a mini-batch with probability p_l. A dropped block is the
+identity (its shortcut) and its residual branch is not computed at all, which is where the paper's
+training-time saving comes from. At test time every block runs with its branch scaled by p_l.
+
+This module holds the mechanism shared by every sd-zoo model:
+
+* :func:`survival_schedule` / :func:`expected_depth` - the paper's linear-decay or uniform rule;
+* :class:`StochasticResidual` - a residual block base class with batch gates that skip the branch,
+  per-sample gates (DropPath-like, for comparison), ``paper`` or ``inverted`` scaling, gates that are
+  reproducible and identical on every DDP rank, and exactly-zero gradients for dropped branches;
+* :func:`fold_survival_scale` - folds the eval scale into the branch's last BN (a plain ResNet);
+* :func:`compile_blocks` - ``torch.compile`` for the branches, so that gates never cause recompiles.
+"""
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import register_notrace_module
+
+__all__ = [
+    'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
+    'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
+    'set_gate_seed',
+]
+
+RULES = ('linear', 'uniform')
+GRANULARITIES = ('batch', 'sample')
+SCALINGS = ('paper', 'inverted')
+
+
+def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f'unknown stochastic-depth {name} {value!r}: choose one of {", ".join(choices)}')
+
+
+def _check_survival_prob(survival_prob_last: float) -> None:
+    if isinstance(survival_prob_last, bool) or not isinstance(survival_prob_last, (int, float)):
+        raise ValueError(f'survival probability p_L must be a number in (0, 1], got {survival_prob_last!r}')
+    if not 0.0 < survival_prob_last <= 1.0:
+        raise ValueError(
+            f'survival probability p_L = {survival_prob_last} is outside (0, 1]: p_L = 1 - drop_path_rate, '
+            f'so drop_path_rate must be in [0, 1) (0.5 is the paper\'s setting, 0 is constant depth)')
+
+
+def check_sd_args(
+        survival_prob_last: float,
+        rule: str = 'linear',
+        granularity: str = 'batch',
+        scaling: str = 'paper',
+) -> None:
+    """Raise a ValueError naming the first invalid stochastic-depth argument."""
+    _check_survival_prob(survival_prob_last)
+    _check_choice('rule', rule, RULES)
+    _check_choice('granularity', granularity, GRANULARITIES)
+    _check_choice('scaling', scaling, SCALINGS)
+
+
+def survival_schedule(num_blocks: int, survival_prob_last: float = 0.5, rule: str = 'linear') -> List[float]:
+    """Survival probabilities p_1..p_L of the paper (Eq. 4).
+
+    ``linear``: p_l = 1 - l / L * (1 - p_L), so the first block almost always survives and the last one
+    survives with p_L. ``uniform``: p_l = p_L for every block.
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f'num_blocks must be a positive integer, got {num_blocks!r}')
+    _check_survival_prob(survival_prob_last)
+    _check_choice('rule', rule, RULES)
+    if rule == 'uniform':
+        return [float(survival_prob_last)] * num_blocks
+    return [1.0 - (l / num_blocks) * (1.0 - survival_prob_last) for l in range(1, num_blocks + 1)]
+
+
+def expected_depth(num_blocks: int, survival_prob_last: float = 0.5, rule: str = 'linear') -> float:
+    """Expected number of residual blocks that run in a training step (40.25 for ResNet-110 at p_L=0.5)."""
+    return float(sum(survival_schedule(num_blocks, survival_prob_last, rule)))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64 finaliser: a well-distributed 64-bit hash of a 64-bit integer."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def gate_uniform(seed: int, block_index: int, step: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, block, step).
+
+    Counter-based, so every DDP rank draws the same gates without communicating and without touching
+    the global RNGs (which timm's train.py seeds differently on each rank).
+    """
+    z = _mix64(_mix64(_mix64(seed & _MASK64) ^ (block_index & _MASK64)) ^ (step & _MASK64))
+    return (z >> 11) * (1.0 / (1 << 53))
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass, i.e. when activation checkpointing recomputes."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _ZeroGradIdentity(torch.autograd.Function):
+    """Identity on ``x`` that gives ``params`` exactly-zero gradients.
+
+    A dropped block still takes part in backward through this one cheap node, so DDP without
+    ``find_unused_parameters`` works and weight decay / momentum still apply (as in the authors' code).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_meta])
+
+
+@register_notrace_module  # FX treats the block as a leaf so that gates stay live in traced models
+class StochasticResidual(nn.Module):
+    """Base class of a residual block ``out = act(shortcut(x) + branch(x))`` with stochastic depth.
+
+    Subclasses define ``branch`` (the residual branch, unscaled), ``shortcut`` and ``act`` (the
+    post-addition activation); ``dropped_output`` may be overridden when ``act(shortcut)`` differs
+    from ``shortcut``.
+
+    Training, ``granularity='batch'``: one gate per forward; a closed gate returns the shortcut without
+    running the branch. ``'sample'``: a per-sample Bernoulli mask (always computes, like DropPath).
+    ``scaling='paper'``: unscaled in training, branch times p_l at eval. ``'inverted'``: kept branch
+    divided by p_l in training, unscaled at eval. The eval scale lives in the ``eval_scale`` buffer, so
+    a state_dict evaluates the same whatever survival arguments the loading model was built with.
+    """
+
+    def __init__(
+            self,
+            survival_prob: float = 1.0,
+            granularity: str = 'batch',
+            scaling: str = 'paper',
+            block_index: int = 0,
+            seed: int = 0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        check_sd_args(survival_prob, granularity=granularity, scaling=scaling)
+        self.survival_prob = float(survival_prob)
+        self.granularity = granularity
+        self.scaling = scaling
+        self.block_index = block_index
+        self.gate_seed = int(seed)
+        self.gate_step = 0  # training forwards drawn so far; with the seed, it fixes the next gate
+        self.last_gate = True
+        scale = self.survival_prob if scaling == 'paper' else 1.0
+        buffer_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        self.register_buffer('eval_scale', torch.tensor(scale, device=device, dtype=buffer_dtype))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.unused
+    def dropped_output(self, shortcut: torch.Tensor) -> torch.Tensor:
+        """Output of a dropped block; the shortcut itself when act(shortcut) == shortcut."""
+        return shortcut
+
+    @torch.jit.unused
+    def branch_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters that a dropped block does not use (all of them, unless overridden)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not torch.jit.is_scripting():
+            return self._forward_train(x)
+        return self.act(torch.addcmul(self.shortcut(x), self.branch(x), self.eval_scale))
+
+    @torch.jit.unused
+    def next_gate(self) -> bool:
+        """Draw this block's gate for the current training forward.
+
+        Recomputation under activation checkpointing runs inside backward and reuses the gate of the
+        forward it recomputes, so a checkpointed block computes the same function twice.
+        """
+        if self.survival_prob >= 1.0:
+            self.last_gate = True
+        elif not _in_backward():
+            self.last_gate = gate_uniform(self.gate_seed, self.block_index, self.gate_step) < self.survival_prob
+            self.gate_step += 1
+        return self.last_gate
+
+    @torch.jit.unused
+    @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.survival_prob
+        if self.granularity == 'batch':
+            shortcut = self.shortcut(x)
+            if not self.next_gate():
+                out = self.dropped_output(shortcut)
+                params = tuple(self.branch_parameters())
+                if params and torch.is_grad_enabled():
+                    out = _ZeroGradIdentity.apply(out, *params)
+                return out
+            out = self.branch(x)
+            if self.scaling == 'inverted' and p < 1.0:
+                return self.act(torch.add(shortcut, out, alpha=1.0 / p))
+            return self.act(shortcut + out)
+
+        # 'sample': per-sample mask, always computed (timm DropPath / torchvision StochasticDepth style)
+        shortcut = self.shortcut(x)
+        out = self.branch(x)
+        if p >= 1.0:
+            return self.act(shortcut + out)
+        keep = out.new_empty((out.shape[0],) + (1,) * (out.ndim - 1)).bernoulli_(p)
+        if self.scaling == 'inverted':
+            keep.div_(p)
+        return self.act(torch.addcmul(shortcut, out, keep))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state_dict without eval_scale comes from a plain (constant-depth) ResNet: it evaluates unscaled.
+        key = prefix + 'eval_scale'
+        if key not in state_dict:
+            with torch.no_grad():
+                self.eval_scale.fill_(1.0)
+            state_dict = {**state_dict, key: self.eval_scale}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f'survival_prob={self.survival_prob:.4f}, granularity={self.granularity}, '
+                f'scaling={self.scaling}')
+
+
+def stochastic_blocks(model: nn.Module) -> List[StochasticResidual]:
+    """All stochastic-depth blocks of a model, in forward order."""
+    return [m for m in model.modules() if isinstance(m, StochasticResidual)]
+
+
+def set_gate_seed(model: nn.Module, seed: int, step: int = 0) -> None:
+    """Restart every block's gate sequence at ``step`` of the sequence fixed by ``seed``."""
+    for block in stochastic_blocks(model):
+        block.gate_seed = int(seed)
+        block.gate_step = int(step)
+
+
+@torch.no_grad()
+def fold_survival_scale(model: nn.Module) -> nn.Module:
+    """Fold each block's eval scale into the last BN of its branch, in place.
+
+    The folded model computes exactly what it computed before in eval mode, with every eval scale at 1,
+    i.e. it is a plain ResNet. Blocks name their last branch norm with the ``last_norm`` attribute.
+    """
+    for block in stochastic_blocks(model):
+        norm = getattr(block, getattr(block, 'last_norm', 'bn2'))
+        scale = block.eval_scale.to(norm.weight.dtype)
+        norm.weight.mul_(scale)
+        norm.bias.mul_(scale)
+        block.eval_scale.fill_(1.0)
+    return model
+
+
+_compiled_branches = {}
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` every block's residual branch, leaving the gates in eager Python.
+
+    Whole-model ``torch.compile`` would specialise on Python gate values and recompile for each new
+    pattern. Compiling the branch function instead gives one graph per block shape (a handful per
+    model); gates still change every step and a dropped branch is still skipped. Returns the model.
+    """
+    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    for block in stochastic_blocks(model):
+        cls = type(block)
+        fn = _compiled_branches.get((cls, key))
+        if fn is None:
+            fn = _compiled_branches[(cls, key)] = torch.compile(cls.branch, **compile_kwargs)
+        block.branch = fn.__get__(block)
+    return model
