@@ -1,0 +1,52 @@
+"""torch.compile: gates keep changing, compilations do not grow with gate patterns."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch._dynamo.utils import counters
+
+from sd_zoo import compile_blocks, stochastic_blocks
+
+pytestmark = pytest.mark.slow
+
+
+def _train_steps(model, steps=8):
+    x = torch.randn(4, 3, 16, 16)
+    patterns = []
+    for _ in range(steps):
+        out = model(x)
+        out.sum().backward()
+        patterns.append(tuple(b.last_gate for b in stochastic_blocks(model)))
+    return patterns
+
+
+def test_compile_blocks_bounded_graphs_live_gates():
+    torch._dynamo.reset()
+    counters.clear()
+    model = timm.create_model('sd_resnet20', sd_seed=1).train()
+    eager = copy.deepcopy(model)
+    compile_blocks(model)
+    patterns = _train_steps(model)
+    assert len(set(patterns)) > 4, 'gates did not change from step to step'
+    graphs = counters['stats']['unique_graphs']
+    assert 0 < graphs <= 6, f'{graphs} graphs for {len(set(patterns))} gate patterns'
+    assert all(p.grad is not None for p in model.parameters())
+    assert patterns == _train_steps(eager), 'compiling changed the gate sequence'
+    model.eval()
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_whole_model_compile_trains_without_recompiling_per_pattern():
+    torch._dynamo.reset()
+    counters.clear()
+    model = timm.create_model('sd_resnet20', sd_seed=2).train()
+    compiled = torch.compile(model)
+    patterns = _train_steps(compiled, steps=10)
+    assert len(set(patterns)) > 4
+    assert counters['stats']['unique_graphs'] <= 4
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,56 @@
+"""Two-process DDP on CPU (gloo), without find_unused_parameters: gates agree, weights stay identical."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    try:
+        import timm
+        import sd_zoo
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        torch.manual_seed(42 + rank)  # like timm's train.py: a different global seed on every rank
+        model = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_seed=7)
+        # same initial weights on every rank come from DDP's broadcast of rank 0's parameters
+        ddp = DDP(model)  # find_unused_parameters=False (the default), as timm's train.py wraps it
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+        gates = []
+        for step in range(STEPS):
+            x = torch.randn(4, 3, 16, 16)  # different data on every rank
+            y = torch.randint(0, 10, (4,))
+            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            gates.append([b.last_gate for b in sd_zoo.stochastic_blocks(model)])
+        torch.save({'gates': gates, 'params': {k: v.detach().clone() for k, v in model.named_parameters()}},
+                   os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_ranks_identical_gates_and_weights(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / 'rank0.pt')
+    r1 = torch.load(tmp_path / 'rank1.pt')
+    assert r0['gates'] == r1['gates']
+    assert any(not all(g) for g in r0['gates']), 'no block was dropped: the test would prove nothing'
+    assert len(set(map(tuple, r0['gates']))) > 1, 'gates did not change across steps'
+    for name, p in r0['params'].items():
+        assert torch.equal(p, r1['params'][name]), name
