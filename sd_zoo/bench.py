@@ -1,0 +1,529 @@
+"""Benchmark: stochastic depth's training-time saving, measured side by side.
+
+One run compares, on the same machine, inputs and initial weights, a training step (forward, backward,
+SGD step) of
+
+* ``sd_batch``: sd-zoo's batch gates, dropped branches skipped (the paper);
+* ``constant``: the same model with stochastic depth off (p_L = 1);
+* ``sd_sample``: sd-zoo's per-sample masks (always computes, DropPath-like);
+* ``timm_droppath``: the same architecture with timm's own ``DropPath`` on each branch;
+* ``stem_head``: every block dropped, which measures the share of the stem, head and shortcuts;
+
+interleaved step by step so that machine drift hits all alike, and reports medians, ratios to constant
+depth and the limit implied by the schedule. It also measures the same under multi-process DDP, the eval
+throughput of a folded SD model against a plain ResNet, the peak memory of a training step and, with
+``--compile``, compiled SD against compiled constant depth and the number of compilations.
+"""
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from .stochastic_depth import StochasticResidual, compile_blocks, expected_depth, fold_survival_scale, \
+    stochastic_blocks
+
+__all__ = ['add_bench_arguments', 'run_benchmark', 'format_table', 'main']
+
+TRAIN_VARIANTS = ('sd_batch', 'constant', 'sd_sample', 'timm_droppath', 'stem_head')
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument('--model', default='sd_resnet110', help='an sd-zoo model name (default: sd_resnet110)')
+    parser.add_argument('--batch-size', type=int, default=128, help='training batch size (default: 128)')
+    parser.add_argument('--img-size', type=int, default=None, help='input size (default: the model config\'s)')
+    parser.add_argument('--drop-path', type=float, default=0.5, help='1 - p_L (default: 0.5, the paper)')
+    parser.add_argument('--sd-rule', default='linear', choices=('linear', 'uniform'))
+    parser.add_argument('--steps', type=int, default=30, help='timed steps per variant (default: 30)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant first (default: 3)')
+    parser.add_argument('--ddp-world-size', type=int, default=2, help='DDP processes; 0 skips DDP (default: 2)')
+    parser.add_argument('--ddp-steps', type=int, default=None, help='timed DDP steps (default: --steps)')
+    parser.add_argument('--eval-batches', type=int, default=20, help='timed eval batches (default: 20)')
+    parser.add_argument('--memory-steps', type=int, default=4, help='steps for peak memory (default: 4)')
+    parser.add_argument('--compile', action='store_true', help='also compare compiled SD with compiled constant')
+    parser.add_argument('--compile-steps', type=int, default=50, help='steps of the compile comparison')
+    parser.add_argument('--skip', nargs='*', default=[], choices=('ddp', 'eval', 'memory'),
+                        help='parts to leave out')
+    parser.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... (default: auto)")
+    parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', default='bench_results.json', help='where to write the results')
+    return parser
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(args, device: torch.device):
+    if not args.amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == 'cuda' else torch.bfloat16)
+
+
+def _with_timm_drop_path(model: nn.Module, survival: List[float]) -> nn.Module:
+    """The same network with timm's DropPath(1 - p_l) on each residual branch, as timm's ResNets use it."""
+    for block, p in zip(stochastic_blocks(model), survival):
+        block.drop_path = DropPath(1.0 - p)
+        block.forward = _timm_drop_path_forward.__get__(block)
+    return model
+
+
+def _timm_drop_path_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.act(self.shortcut(x) + self.drop_path(self.branch(x)))
+
+
+def build_train_variants(args, device: torch.device, variants=TRAIN_VARIANTS) -> Dict[str, nn.Module]:
+    """Models for each variant, all with the same initial weights."""
+    torch.manual_seed(args.seed)
+    kwargs = dict(sd_rule=args.sd_rule)
+    constant = timm.create_model(args.model, drop_path_rate=0.0, **kwargs)
+    sd = timm.create_model(args.model, drop_path_rate=args.drop_path, **kwargs)
+    survival = [b.survival_prob for b in stochastic_blocks(sd)]
+    models = {}
+    for name in variants:
+        if name == 'constant':
+            model = constant
+        elif name == 'sd_batch':
+            model = sd
+        elif name == 'sd_sample':
+            model = timm.create_model(args.model, drop_path_rate=args.drop_path, sd_granularity='sample', **kwargs)
+        elif name == 'timm_droppath':
+            model = _with_timm_drop_path(timm.create_model(args.model, drop_path_rate=0.0, **kwargs), survival)
+        elif name == 'stem_head':
+            model = timm.create_model(args.model, drop_path_rate=0.0, **kwargs)
+            for block in stochastic_blocks(model):
+                block.survival_prob = 1e-300  # every gate closed: only stem, shortcuts and head run
+        else:
+            raise ValueError(f'unknown benchmark variant {name!r}')
+        if model is not constant:
+            model.load_state_dict(constant.state_dict(), strict=False)
+        models[name] = model
+    for model in models.values():
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+    return models
+
+
+def _make_batch(args, model: nn.Module, device: torch.device, batch_size: int):
+    size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(batch_size, 3, size, size, generator=g)
+    y = torch.randint(0, model.num_classes, (batch_size,), generator=g)
+    x = x.to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device)
+
+
+def _make_step(model: nn.Module, x, y, args, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step() -> None:
+        with _autocast(args, device):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def time_interleaved(steps_by_name: Dict[str, Any], steps: int, warmup: int, device) -> Dict[str, List[float]]:
+    """Per-step wall times, one step of each variant in turn."""
+    times = {name: [] for name in steps_by_name}
+    for i in range(warmup + steps):
+        for name, step in steps_by_name.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: List[float]) -> Dict[str, float]:
+    return dict(median_s=statistics.median(times), mean_s=statistics.fmean(times), min_s=min(times),
+                steps=len(times))
+
+
+def bench_train(args, device) -> Dict[str, Any]:
+    models = build_train_variants(args, device)
+    any_model = models['constant']
+    x, y = _make_batch(args, any_model, device, args.batch_size)
+    steps = {name: _make_step(m, x, y, args, device) for name, m in models.items()}
+    active = {name: [] for name in ('sd_batch',)}
+
+    def counting_sd_step(inner=steps['sd_batch']):
+        inner()
+        active['sd_batch'].append(sum(b.last_gate for b in stochastic_blocks(models['sd_batch'])))
+    steps['sd_batch'] = counting_sd_step
+    times = time_interleaved(steps, args.steps, args.warmup, device)
+
+    num_blocks = len(stochastic_blocks(any_model))
+    exp_active = expected_depth(num_blocks, 1.0 - args.drop_path, args.sd_rule)
+    t_const = statistics.median(times['constant'])
+    fixed_share = statistics.median(times['stem_head']) / t_const
+    limit = fixed_share + (1.0 - fixed_share) * exp_active / num_blocks
+    result = dict(
+        variants={name: _summary(t) for name, t in times.items()},
+        ratio_to_constant={name: statistics.median(t) / t_const for name, t in times.items()},
+        num_blocks=num_blocks,
+        expected_active_blocks=exp_active,
+        mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),
+        stem_head_share=fixed_share,
+        limit_ratio=limit,
+    )
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, args, out_path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import sd_zoo  # noqa: F401  registers the models in the spawned process
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    base = _resolve_device(args.device)
+    use_cuda = base.type == 'cuda'
+    if use_cuda:
+        device = torch.device('cuda', rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+        torch.set_num_threads(max(1, (args.threads or os.cpu_count() or 1) // world_size))
+    dist.init_process_group('nccl' if use_cuda else 'gloo', rank=rank, world_size=world_size)
+    try:
+        models = build_train_variants(args, device, variants=('sd_batch', 'constant'))
+        per_rank = max(1, args.batch_size // world_size)
+        x, y = _make_batch(args, models['constant'], device, per_rank)
+        steps = {}
+        for name, model in models.items():
+            ddp = DDP(model, device_ids=[rank] if use_cuda else None)  # no find_unused_parameters
+            steps[name] = _make_step(ddp, x, y, args, device)
+        times = time_interleaved(steps, args.ddp_steps or args.steps, args.warmup, device)
+        if rank == 0:
+            with open(out_path, 'w') as f:
+                json.dump(dict(times=times, per_rank_batch=per_rank,
+                               backend='nccl' if use_cuda else 'gloo'), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_ddp(args, device) -> Dict[str, Any]:
+    world = args.ddp_world_size
+    if device.type == 'cuda' and torch.cuda.device_count() < world:
+        return dict(skipped=f'{world} ranks need {world} GPUs, {torch.cuda.device_count()} present')
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, 'ddp.json')
+        torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), args, out_path), nprocs=world)
+        with open(out_path) as f:
+            res = json.load(f)
+    t_const = statistics.median(res['times']['constant'])
+    return dict(
+        world_size=world, backend=res['backend'], per_rank_batch=res['per_rank_batch'],
+        find_unused_parameters=False,
+        variants={name: _summary(t) for name, t in res['times'].items()},
+        ratio_to_constant={name: statistics.median(t) / t_const for name, t in res['times'].items()},
+    )
+
+
+class PlainBasicBlock(nn.Module):
+    """A plain post-activation CIFAR block with nothing of stochastic depth, for the eval comparison."""
+
+    def __init__(self, ref: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = ref.conv1, ref.bn1, ref.act1
+        self.conv2, self.bn2, self.act2 = ref.conv2, ref.bn2, ref.act2
+        self.ref_shortcut = ref.shortcut
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.ref_shortcut(x))
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy whose blocks are plain ResNet blocks sharing the (folded) weights."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, StochasticResidual):
+                setattr(module, child_name, PlainBasicBlock(child))
+    return plain
+
+
+def bench_eval(args, device) -> Dict[str, Any]:
+    torch.manual_seed(args.seed)
+    sd = timm.create_model(args.model, drop_path_rate=args.drop_path, sd_rule=args.sd_rule).to(device)
+    x, y = _make_batch(args, sd, device, args.batch_size)
+    sd.train()
+    with torch.no_grad():
+        for _ in range(2):  # give BN statistics and gates a life
+            sd(x)
+    sd.eval()
+    with torch.no_grad():
+        reference = sd(x)
+    fold_survival_scale(sd)
+    plain = _plain_copy(sd).eval()
+    if args.channels_last:
+        sd.to(memory_format=torch.channels_last)
+        plain.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        max_diff = max((sd(x) - reference).abs().max().item(), (plain(x) - reference).abs().max().item())
+
+        def fwd(m):
+            def step():
+                with _autocast(args, device):
+                    m(x)
+            return step
+        times = time_interleaved({'sd_folded': fwd(sd), 'plain_resnet': fwd(plain)},
+                                 args.eval_batches, max(1, args.warmup), device)
+    ips = {name: args.batch_size / statistics.median(t) for name, t in times.items()}
+    return dict(images_per_s=ips, ratio=ips['sd_folded'] / ips['plain_resnet'], max_abs_output_diff=max_diff,
+                batches=args.eval_batches)
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled from /proc/self/statm by a thread.
+
+    Used on CPU, where torch keeps no allocator statistics. The memory benchmark runs in a fresh process
+    with a fixed glibc mmap threshold, so that freed activation buffers leave the RSS at once.
+    """
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.page = os.sysconf('SC_PAGE_SIZE')
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._rss() - self.base)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        import threading
+        self.base = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._rss() - self.base)
+
+
+def _memory_worker(args, variant: str, queue) -> None:
+    import sd_zoo  # noqa: F401
+    device = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_train_variants(args, device, variants=(variant,))[variant]
+    x, y = _make_batch(args, model, device, args.batch_size)
+    step = _make_step(model, x, y, args, device)
+    step()  # optimizer state and gradients exist from here on, as in any step but the first
+    saved, peaks = [], []
+
+    def pack(t):
+        saved[-1][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for _ in range(args.memory_steps):
+        saved.append({})
+        if device.type == 'cuda':
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            meter = nullcontext()
+        else:
+            meter = PeakRSS()
+        with meter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+            _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda' else meter.peak_bytes
+        peaks.append(peak / 2 ** 20)
+    queue.put(dict(
+        peak_mib=statistics.fmean(peaks), peak_mib_max=max(peaks),
+        saved_activations_mib=statistics.fmean(sum(s.values()) / 2 ** 20 for s in saved),
+        measure='cuda max_memory_allocated above the start of the step' if device.type == 'cuda'
+        else 'peak RSS during the step above the RSS at its start (sampled every 0.5 ms)'))
+
+
+def bench_memory(args, device) -> Dict[str, Any]:
+    """Peak memory of a training step (mean over steps), each variant in a fresh process of its own."""
+    ctx = multiprocessing.get_context('spawn')
+    res = {}
+    old = os.environ.get('MALLOC_MMAP_THRESHOLD_')
+    os.environ['MALLOC_MMAP_THRESHOLD_'] = '65536'  # large buffers are mmapped and returned when freed
+    try:
+        for variant in ('constant', 'sd_batch'):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_memory_worker, args=(args, variant, queue))
+            proc.start()
+            res[variant] = queue.get(timeout=3600)
+            proc.join()
+    finally:
+        if old is None:
+            os.environ.pop('MALLOC_MMAP_THRESHOLD_')
+        else:
+            os.environ['MALLOC_MMAP_THRESHOLD_'] = old
+    res['peak_ratio'] = res['sd_batch']['peak_mib'] / max(res['constant']['peak_mib'], 1e-9)
+    res['saved_activations_ratio'] = (res['sd_batch']['saved_activations_mib']
+                                      / max(res['constant']['saved_activations_mib'], 1e-9))
+    res['steps'] = args.memory_steps
+    return res
+
+
+def bench_compile(args, device) -> Dict[str, Any]:
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    models = build_train_variants(args, device, variants=('sd_batch', 'constant'))
+    x, y = _make_batch(args, models['constant'], device, args.batch_size)
+    compile_blocks(models['sd_batch'])
+    sd_step = _make_step(models['sd_batch'], x, y, args, device)
+    patterns = set()
+
+    def sd_counting_step():
+        sd_step()
+        patterns.add(tuple(b.last_gate for b in stochastic_blocks(models['sd_batch'])))
+    const_step = _make_step(torch.compile(models['constant']), x, y, args, device)
+    t0 = time.perf_counter()
+    sd_counting_step()
+    const_step()
+    first_steps_s = time.perf_counter() - t0
+    times = time_interleaved({'sd_batch_compiled': sd_counting_step, 'constant_compiled': const_step},
+                             args.compile_steps, args.warmup, device)
+    t_const = statistics.median(times['constant_compiled'])
+    return dict(
+        sd='sd_zoo.compile_blocks (branches compiled, gates eager)',
+        constant='torch.compile(model) (whole model)',
+        variants={name: _summary(t) for name, t in times.items()},
+        ratio=statistics.median(times['sd_batch_compiled']) / t_const,
+        steps=args.compile_steps + args.warmup + 1,
+        distinct_gate_patterns=len(patterns),
+        compiled_graphs=int(counters['stats']['unique_graphs']),
+        compiled_frames=int(counters['frames']['ok']),
+        first_step_with_compilation_s=first_steps_s,
+    )
+
+
+def run_benchmark(args) -> Dict[str, Any]:
+    """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError('--steps and --batch-size must be at least 1')
+    if args.model not in timm.list_models('sd_*'):
+        raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
+    results: Dict[str, Any] = dict(
+        config={k: v for k, v in vars(args).items() if k != 'func'},
+        environment=dict(
+            device=str(device), torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
+            cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+            gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
+    )
+    results['train'] = bench_train(args, device)
+    if 'ddp' not in args.skip and args.ddp_world_size > 1:
+        results['ddp'] = bench_ddp(args, device)
+    if 'eval' not in args.skip:
+        results['eval'] = bench_eval(args, device)
+    if 'memory' not in args.skip:
+        results['memory'] = bench_memory(args, device)
+    if args.compile:
+        results['compile'] = bench_compile(args, device)
+    return results
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    cfg, train = results['config'], results['train']
+    lines = [
+        f"{cfg['model']}, batch {cfg['batch_size']}, p_L {1 - cfg['drop_path']:g} {cfg['sd_rule']}, "
+        f"{results['environment']['device']} ({results['environment']['torch_threads']} threads), "
+        f"median of {cfg['steps']} steps",
+        '',
+        f"{'train step':<28}{'median s':>10}{'/ constant':>12}",
+    ]
+    for name, s in train['variants'].items():
+        lines.append(f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}")
+    lines.append(f"{'limit (schedule)':<28}{'':>10}{train['limit_ratio']:>12.3f}   "
+                 f"(E[active] {train['expected_active_blocks']:.2f}/{train['num_blocks']}, observed "
+                 f"{train['mean_active_blocks']:.2f}; stem+head share {train['stem_head_share']:.3f})")
+    if 'ddp' in results and 'variants' in results['ddp']:
+        ddp = results['ddp']
+        lines += ['', f"DDP {ddp['world_size']} ranks ({ddp['backend']}, {ddp['per_rank_batch']}/rank, "
+                      f"find_unused_parameters=False)"]
+        for name, s in ddp['variants'].items():
+            lines.append(f"{name:<28}{s['median_s']:>10.4f}{ddp['ratio_to_constant'][name]:>12.3f}")
+    elif 'ddp' in results:
+        lines += ['', f"DDP skipped: {results['ddp']['skipped']}"]
+    if 'eval' in results:
+        ev = results['eval']
+        lines += ['', f"{'eval':<28}{'images/s':>10}",
+                  *[f"{n:<28}{v:>10.1f}" for n, v in ev['images_per_s'].items()],
+                  f"{'folded SD / plain':<28}{ev['ratio']:>10.3f}   (max |output diff| {ev['max_abs_output_diff']:.2e})"]
+    if 'memory' in results:
+        mem = results['memory']
+        lines += ['', f"{'train memory':<28}{'peak MiB':>10}{'saved MiB':>12}",
+                  *[f"{n:<28}{mem[n]['peak_mib']:>10.1f}{mem[n]['saved_activations_mib']:>12.1f}"
+                    for n in ('constant', 'sd_batch')],
+                  f"{'SD / constant':<28}{mem['peak_ratio']:>10.3f}{mem['saved_activations_ratio']:>12.3f}"]
+    if 'compile' in results:
+        c = results['compile']
+        lines += ['', f"{'compiled train step':<28}{'median s':>10}",
+                  *[f"{n:<28}{s['median_s']:>10.4f}" for n, s in c['variants'].items()],
+                  f"{'SD / constant (compiled)':<28}{c['ratio']:>10.3f}   ({c['distinct_gate_patterns']} gate "
+                  f"patterns, {c['compiled_graphs']} graphs over {c['steps']} steps)"]
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    parser = add_bench_arguments(argparse.ArgumentParser(prog='sd-zoo bench', description=__doc__.split('\n')[0]))
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args) -> Dict[str, Any]:
+    results = run_benchmark(args)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'\nresults written to {args.json}')
+    return results
