@@ -49,6 +49,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--sd-rule', default='linear', choices=('linear', 'uniform'))
     parser.add_argument('--steps', type=int, default=30, help='timed steps per variant (default: 30)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant first (default: 3)')
+    parser.add_argument('--cost-steps', type=int, default=5,
+                        help='steps for the per-stage cost measurement behind the cost-weighted limit (default: 5)')
     parser.add_argument('--ddp-world-size', type=int, default=2, help='DDP processes; 0 skips DDP (default: 2)')
     parser.add_argument('--ddp-steps', type=int, default=None, help='timed DDP steps (default: --steps)')
     parser.add_argument('--eval-batches', type=int, default=20, help='timed eval batches (default: 20)')
@@ -189,7 +191,7 @@ def bench_train(args, device) -> Dict[str, Any]:
     t_const = statistics.median(times['constant'])
     fixed_share = statistics.median(times['stem_head']) / t_const
     limit = fixed_share + (1.0 - fixed_share) * exp_active / num_blocks
-    result = dict(
+    return dict(
         variants={name: _summary(t) for name, t in times.items()},
         ratio_to_constant={name: statistics.median(t) / t_const for name, t in times.items()},
         num_blocks=num_blocks,
@@ -197,8 +199,43 @@ def bench_train(args, device) -> Dict[str, Any]:
         mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),
         stem_head_share=fixed_share,
         limit_ratio=limit,
+        limit_assumes='every block costs the same',
+        stage_costs=bench_stage_costs(args, device, models['sd_batch'], x, y),
     )
-    return result
+
+
+def bench_stage_costs(args, device, sd_model: nn.Module, x, y) -> Dict[str, Any]:
+    """Measured cost of each stage's blocks, and the limit ratio weighted by those costs.
+
+    Blocks of different stages cost different times (on a CPU, the early high-resolution blocks cost more
+    per FLOP), and the linear rule drops the late blocks most, so the saving depends on where time goes.
+    """
+    stages: Dict[str, List[int]] = {}
+    for i, (name, _) in enumerate((n, m) for n, m in sd_model.named_modules() if isinstance(m, StochasticResidual)):
+        stages.setdefault(name.rsplit('.', 1)[0], []).append(i)
+    survival = [b.survival_prob for b in stochastic_blocks(sd_model)]
+    models = {}
+    for variant in ['none', *stages]:
+        model = build_train_variants(args, device, variants=('constant',))['constant']
+        keep = set(stages.get(variant, []))
+        for i, block in enumerate(stochastic_blocks(model)):
+            if i not in keep:
+                block.survival_prob = 1e-300
+        models[variant] = model
+    steps = {n: _make_step(m, x, y, args, device) for n, m in models.items()}
+    times = time_interleaved(steps, args.cost_steps, 1, device)
+    t_none = statistics.median(times['none'])
+    stage_s = {n: max(statistics.median(times[n]) - t_none, 0.0) for n in stages}
+    total = t_none + sum(stage_s.values())
+    expected = t_none + sum(stage_s[n] * statistics.fmean(survival[i] for i in idx) for n, idx in stages.items())
+    return dict(
+        stem_head_s=t_none,
+        stage_block_s=stage_s,
+        stage_share={n: t / total for n, t in stage_s.items()},
+        stage_mean_survival={n: statistics.fmean(survival[i] for i in idx) for n, idx in stages.items()},
+        limit_ratio=expected / total,
+        steps=args.cost_steps,
+    )
 
 
 def _free_port() -> int:
@@ -485,6 +522,10 @@ def format_table(results: Dict[str, Any]) -> str:
     lines.append(f"{'limit (schedule)':<28}{'':>10}{train['limit_ratio']:>12.3f}   "
                  f"(E[active] {train['expected_active_blocks']:.2f}/{train['num_blocks']}, observed "
                  f"{train['mean_active_blocks']:.2f}; stem+head share {train['stem_head_share']:.3f})")
+    costs = train['stage_costs']
+    shares = ', '.join(f"{n} {costs['stage_share'][n]:.2f} x p {costs['stage_mean_survival'][n]:.2f}"
+                       for n in costs['stage_share'])
+    lines.append(f"{'limit (cost-weighted)':<28}{'':>10}{costs['limit_ratio']:>12.3f}   (block time: {shares})")
     if 'ddp' in results and 'variants' in results['ddp']:
         ddp = results['ddp']
         lines += ['', f"DDP {ddp['world_size']} ranks ({ddp['backend']}, {ddp['per_rank_batch']}/rank, "

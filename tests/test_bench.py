@@ -1,0 +1,41 @@
+"""The benchmark runs end to end and writes well-formed JSON (its numbers are not asserted as targets)."""
+import json
+import math
+
+import pytest
+
+from sd_zoo.cli import main
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    rc = main(['bench', '--model', 'sd_resnet20', '--batch-size', '8', '--img-size', '16', '--steps', '2',
+               '--warmup', '1', '--eval-batches', '2', '--memory-steps', '1', '--compile', '--compile-steps', '2',
+               '--json', str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert 'sd_batch' in printed and 'limit (schedule)' in printed and str(out) in printed
+    res = json.loads(out.read_text())
+    train = res['train']
+    assert set(train['variants']) == {'sd_batch', 'constant', 'sd_sample', 'timm_droppath', 'stem_head'}
+    assert train['num_blocks'] == 9 and train['expected_active_blocks'] == pytest.approx(6.5)
+    assert train['ratio_to_constant']['constant'] == 1.0
+    assert all(v['steps'] == 2 and v['median_s'] > 0 for v in train['variants'].values())
+    assert 0 < train['stem_head_share'] < 1 and 0 < train['limit_ratio'] < 1
+    assert res['ddp']['find_unused_parameters'] is False and res['ddp']['world_size'] == 2
+    assert set(res['ddp']['variants']) == {'sd_batch', 'constant'}
+    assert res['eval']['max_abs_output_diff'] < 1e-4  # folded SD and the plain ResNet compute the same
+    assert res['eval']['ratio'] > 0
+    for variant in ('constant', 'sd_batch'):
+        assert res['memory'][variant]['saved_activations_mib'] > 0
+    assert 0 < res['memory']['saved_activations_ratio'] <= 1.0  # skipped blocks save no activations
+    comp = res['compile']
+    assert comp['compiled_graphs'] >= 1 and comp['steps'] == 4
+    assert all(math.isfinite(v['median_s']) for v in comp['variants'].values())
+
+
+def test_bench_rejects_unknown_model(capsys):
+    assert main(['bench', '--model', 'resnet50', '--skip', 'ddp', 'eval', 'memory']) == 2
+    assert "unknown sd-zoo model 'resnet50'" in capsys.readouterr().err
