@@ -1,27 +1,41 @@
-"""The ``sd-zoo`` command: a thin shell over sd-zoo's Python API."""
+"""The ``sd-zoo`` command: a thin shell over sd-zoo's Python API.
+
+    sd-zoo bench ...      stochastic depth's training-time saving, measured (sd_zoo.bench)
+    sd-zoo train ...      train with timm's library, timm train.py flag names (sd_zoo.training)
+    sd-zoo validate ...   top-1/top-5/loss on a dataset split (sd_zoo.evaluation)
+"""
 import argparse
 import sys
 from typing import List, Optional
 
+COMMANDS = {
+    'bench': ('sd_zoo.bench', 'measure the training-time saving of stochastic depth'),
+    'train': ('sd_zoo.training', 'train a model with timm\'s library (train.py flag names, --config YAML)'),
+    'validate': ('sd_zoo.evaluation', 'evaluate a model, checkpoint, hf-hub: or local-dir: on a dataset split'),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import bench
 
-    parser = argparse.ArgumentParser(prog='sd-zoo', description='Stochastic-depth ResNets for timm.')
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='sd-zoo', description='Stochastic-depth ResNets for timm.',
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    p = sub.add_parser('bench', help='measure the training-time saving of stochastic depth',
-                       description=bench.__doc__.split('\n\n')[0])
-    bench.add_bench_arguments(p)
-    p.set_defaults(func=bench.run_from_args)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    import importlib
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv)  # prints usage and exits for a missing or unknown command
+        return 2
+    command, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[command][0])
     try:
-        args.func(args)
+        module.main(rest)
     except ValueError as e:
-        print(f'sd-zoo {args.command}: error: {e}', file=sys.stderr)
+        print(f'sd-zoo {command}: error: {e}', file=sys.stderr)
         return 2
     return 0
 

@@ -13,3 +13,27 @@ import sd_zoo  # noqa: E402,F401  registers the models
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+SHARED_CIFAR10 = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+DATA_CACHE = ROOT / '.cache' / 'data'
+
+
+def extract_cifar10() -> Path:
+    """The shared CIFAR-10 JPEG archive, unpacked once into .cache/data (git-ignored)."""
+    import tarfile
+    target = DATA_CACHE / 'cifar10'
+    done = DATA_CACHE / '.cifar10-extracted'
+    if not done.exists():
+        DATA_CACHE.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_CIFAR10) as tar:
+            tar.extractall(DATA_CACHE, filter='data')
+        done.touch()
+    return target
+
+
+@pytest.fixture(scope='session')
+def cifar10_dir() -> Path:
+    if not SHARED_CIFAR10.exists():
+        pytest.skip(f'the shared CIFAR-10 archive is absent ({SHARED_CIFAR10}): a checkout without ../shared/data')
+    return extract_cifar10()

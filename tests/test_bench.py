@@ -26,7 +26,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert 0 < train['stem_head_share'] < 1 and 0 < train['limit_ratio'] < 1
     assert res['ddp']['find_unused_parameters'] is False and res['ddp']['world_size'] == 2
     assert set(res['ddp']['variants']) == {'sd_batch', 'constant'}
-    assert res['eval']['max_abs_output_diff'] < 1e-4  # folded SD and the plain ResNet compute the same
+    assert res['eval']['max_rel_output_diff'] < 1e-5  # folded SD and the plain ResNet compute the same
     assert res['eval']['ratio'] > 0
     for variant in ('constant', 'sd_batch'):
         assert res['memory'][variant]['saved_activations_mib'] > 0

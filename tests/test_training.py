@@ -1,0 +1,161 @@
+"""sd-zoo train / validate end to end on the real (shared) CIFAR-10, and the CLI's errors."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sd_zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / 'scripts' / 'recipes'
+SMALL = ['--model', 'sd_resnet20', '--cifar-aug', '--train-split', 'train', '--val-split', 'test',
+         '--train-subset', '512', '--val-subset', '256', '-b', '64', '-j', '0', '--no-progress',
+         '--lr', '0.1', '--sched', 'multistep', '--decay-milestones', '100']
+
+
+def _summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys):
+    rc = main(['train', '--data-dir', str(cifar10_dir), *SMALL, '--epochs', '2', '--output', str(tmp_path),
+               '--experiment', 'run', '--model-ema', '--model-ema-decay', '0.9'])
+    assert rc == 0
+    out = tmp_path / 'run'
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'epochs.csv', 'results.json'):
+        assert (out / name).exists(), name
+    rows = _summary(out / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']  # timm's columns
+    epochs = _summary(out / 'epochs.csv')
+    assert all(float(e['wall_s']) > 0 and 0 < float(e['mean_active_blocks']) <= 9 for e in epochs)
+    ckpt = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert {'epoch', 'arch', 'state_dict', 'state_dict_ema', 'optimizer', 'args', 'version'} <= set(ckpt)
+    assert ckpt['arch'] == 'sd_resnet20' and ckpt['epoch'] == 1
+    assert yaml.safe_load((out / 'args.yaml').read_text())['model'] == 'sd_resnet20'
+
+    capsys.readouterr()
+    results_file = tmp_path / 'val.json'
+    rc = main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(out / 'model_best.pth.tar'),
+               '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '256', '-j', '0',
+               '--results-file', str(results_file)])
+    assert rc == 0
+    res = json.loads(results_file.read_text())
+    assert res['images'] == 256 and 0 <= res['top1'] <= 100 and res['top5'] >= res['top1']
+    assert res['top1'] > 15.0  # two short epochs already beat chance (10%) on CIFAR-10
+    csv_file = tmp_path / 'val.csv'
+    assert main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(out / 'last.pth.tar'),
+                 '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '64', '-j', '0',
+                 '--results-file', str(csv_file)]) == 0
+    assert _summary(csv_file)[0]['split'] == 'test'
+
+
+@pytest.mark.slow
+def test_val_holdout_reports_test_at_best_epoch(cifar10_dir, tmp_path):
+    rc = main(['train', '--data-dir', str(cifar10_dir), *SMALL, '--epochs', '2', '--val-holdout', '256',
+               '--output', str(tmp_path), '--experiment', 'holdout'])
+    assert rc == 0
+    res = json.loads((tmp_path / 'holdout' / 'results.json').read_text())
+    assert res['test']['split'] == 'test' and res['test']['epoch'] == res['best_epoch']
+    assert 0 <= res['test']['top1'] <= 100
+
+
+@pytest.mark.slow
+def test_resume_after_kill_mid_epoch(cifar10_dir, tmp_path):
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, '-m', 'sd_zoo.cli', 'train', '--data-dir', str(cifar10_dir), *SMALL,
+           '--train-subset', '2048', '--epochs', '3', '--output', str(tmp_path), '--experiment', 'killed']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / 'last.pth.tar').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / 'last.pth.tar').exists(), 'the first epoch never finished'
+        time.sleep(1.5)  # well into the second epoch (each takes several seconds)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [r['epoch'] for r in _summary(out / 'summary.csv')] == ['0']
+    rc = main(['train', '--data-dir', str(cifar10_dir), *SMALL, '--train-subset', '2048', '--epochs', '3',
+               '--resume', str(out / 'last.pth.tar')])
+    assert rc == 0
+    assert [r['epoch'] for r in _summary(out / 'summary.csv')] == ['0', '1', '2']  # no epoch lost or repeated
+    assert torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=False)['epoch'] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_two_processes(cifar10_dir, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '-m', 'sd_zoo.cli', 'train', '--data-dir', str(cifar10_dir), *SMALL, '--epochs', '1',
+           '--output', str(tmp_path), '--experiment', 'ddp', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = yaml.safe_load((tmp_path / 'ddp' / 'args.yaml').read_text())
+    assert args['distributed'] is True and args['world_size'] == 2
+    assert [r['epoch'] for r in _summary(tmp_path / 'ddp' / 'summary.csv')] == ['0']
+
+
+def test_recipes_are_train_py_configs():
+    import sd_zoo.training as training
+    parser = training.build_train_parser()
+    recipes = sorted(RECIPES.glob('*.yaml'))
+    assert len(recipes) >= 10
+    for path in recipes:
+        cfg = training.load_config(str(path), parser)  # every key is a known train.py flag name
+        assert cfg['device_modules'] == ['sd_zoo'], path.name
+        args = training.parse_train_args(['--config', str(path)])
+        assert args.model.startswith('sd_resnet')
+        assert args.model == cfg['model'] and args.epochs == cfg['epochs']
+    paper = yaml.safe_load((RECIPES / 'cifar10_resnet110_sd.yaml').read_text())
+    assert paper['epochs'] == 500 and paper['batch_size'] == 128 and paper['lr'] == 0.1
+    assert paper['decay_milestones'] == [250, 375] and paper['drop_path'] == 0.5 and paper['opt'] == 'sgd'
+    twin = yaml.safe_load((RECIPES / 'cifar10_resnet110_constant.yaml').read_text())
+    assert {k: v for k, v in twin.items() if k != 'drop_path'} == {k: v for k, v in paper.items() if k != 'drop_path'}
+    assert twin['drop_path'] == 0.0
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(['train', '--model', 'sd_resnet20']) == 2
+    assert 'no dataset' in capsys.readouterr().err
+    assert main(['train', '--data-dir', str(tmp_path / 'missing')]) == 2
+    assert 'is not a folder' in capsys.readouterr().err
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('model: sd_resnet20\nnot_a_flag: 3\n')
+    assert main(['train', '--config', str(bad), '--data-dir', str(tmp_path)]) == 2
+    assert 'not_a_flag' in capsys.readouterr().err
+    assert main(['train', '--config', str(tmp_path / 'none.yaml')]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    assert main(['train', '--data-dir', str(tmp_path), '--resume', str(tmp_path / 'x.pth.tar')]) == 2
+    assert 'no such checkpoint' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['train', '--not-a-train-flag'])
+    assert main(['train', '--data-dir', str(tmp_path), '--model', 'no_such_model', '-j', '0']) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+    empty = tmp_path / 'empty'
+    (empty / 'train').mkdir(parents=True)
+    assert main(['train', '--data-dir', str(empty), '--model', 'sd_resnet20', '-j', '0']) == 2
+    assert 'train' in capsys.readouterr().err
+    assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path),
+                 '--checkpoint', str(tmp_path / 'nope.pth')]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path), '--results-file', 'r.txt']) == 2
+    assert '.json or .csv' in capsys.readouterr().err
+    not_ckpt = tmp_path / 'junk.pth.tar'
+    not_ckpt.write_bytes(b'not a checkpoint')
+    assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path), '--checkpoint',
+                 str(not_ckpt)]) == 2
+    assert 'junk.pth.tar' in capsys.readouterr().err
