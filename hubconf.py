@@ -2,23 +2,33 @@
 
 Every model that ``import sd_zoo`` registers in timm is an entry point with the same name; keyword
 arguments go to ``timm.create_model`` (``drop_path_rate``, ``sd_rule``, ``num_classes``, ...).
+``pretrained=True`` loads published safetensors weights from the Hugging Face Hub (``hub_id='ORG/NAME'``,
+or the config's own hub id) through huggingface_hub: cached, verified, offline mode honoured.
 """
 dependencies = ['torch', 'timm']
 
 import timm as _timm
 
 import sd_zoo as _sd_zoo
+from sd_zoo.hub import load_published as _load_published
 
 
 def _make_entrypoint(model_name: str):
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return _timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    def entrypoint(pretrained: bool = False, hub_id: str = None, **kwargs):
+        if not pretrained:
+            return _timm.create_model(model_name, **kwargs)
+        hub_id = hub_id or _timm.models.get_pretrained_cfg(model_name).hf_hub_id
+        if not hub_id:
+            raise ValueError(f'{model_name} has no published weights yet: pass hub_id="ORG/NAME" of a repository '
+                             f'made with sd-zoo publish')
+        return _load_published(hub_id, model_name=model_name, num_classes=kwargs.pop('num_classes', None), **kwargs)
 
     model_fn = _timm.models.model_entrypoint(model_name)
     entrypoint.__name__ = entrypoint.__qualname__ = model_name
     entrypoint.__doc__ = (
         f'{(model_fn.__doc__ or model_name).strip()}\n\n'
-        f'Same as ``timm.create_model({model_name!r}, pretrained=pretrained, **kwargs)`` after ``import sd_zoo``.\n'
+        f'pretrained=False: ``timm.create_model({model_name!r}, **kwargs)`` after ``import sd_zoo``.\n'
+        f'pretrained=True: published safetensors weights from the Hub repo ``hub_id`` (ORG/NAME).\n'
         f'Pretrained tags: {", ".join(_timm.models.get_arch_pretrained_cfgs(model_name)) or "none"}.')
     return entrypoint
 

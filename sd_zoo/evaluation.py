@@ -50,8 +50,14 @@ def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_cl
     arch = name.split('.')[0]
     if not hub and arch not in timm.list_models():
         raise ValueError(f'unknown model {name!r}: sd-zoo models are {", ".join(timm.list_models("sd_*"))}')
+    if hub:
+        from .hub import load_published
+        model = load_published(name, num_classes=num_classes)
+        if checkpoint:
+            load_weights(model, checkpoint, use_ema=use_ema)
+        return model.eval()
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    model = timm.create_model(name, pretrained=pretrained or hub, **kwargs)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, use_ema=use_ema)
     return model.eval()

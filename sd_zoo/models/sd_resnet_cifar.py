@@ -131,6 +131,7 @@ class SDCifarResNet(nn.Module):
         self.drop_rate = drop_rate
         self.drop_path_rate = float(drop_path_rate)
         self.sd_rule = sd_rule
+        self.shortcut_type = shortcut_type
         self.grad_checkpointing = False
 
         blocks_per_stage = (depth - 2) // 6

@@ -1,0 +1,199 @@
+"""Publishing to a real (loopback) Hub over HTTP, loading with hf-hub:, torch.hub and offline; bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_server import start_hub
+from sd_zoo.cli import main
+from sd_zoo.evaluation import load_model
+from sd_zoo.hub import load_published
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = 'sdzoo/tiny-sd-resnet20'
+
+LOAD_SCRIPT = '''
+import sys, torch, timm, sd_zoo
+x = torch.load(sys.argv[1])
+out = {}
+out['timm'] = timm.create_model('hf-hub:%(repo)s', pretrained=True).eval()(x)
+out['hub'] = torch.hub.load(%(root)r, 'sd_resnet20', source='local', pretrained=True, hub_id='%(repo)s')(x)
+torch.save({k: v.detach() for k, v in out.items()}, sys.argv[2])
+''' % dict(repo=REPO_ID, root=str(ROOT))
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+    """A real one-epoch sd-zoo train run on a small generated image folder (no downloads, no shared data)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp('data')
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 6), ('test', 2)):
+        for c in range(10):
+            (root / split / f'class{c}').mkdir(parents=True)
+            for i in range(n):
+                arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')
+    out = tmp_path_factory.mktemp('runs')
+    assert main(['train', '--data-dir', str(root), '--model', 'sd_resnet20', '--epochs', '1', '-b', '16', '-j', '0',
+                 '--no-progress', '--cifar-aug', '--train-split', 'train', '--val-split', 'test',
+                 '--output', str(out), '--experiment', 'run', '--lr', '0.05']) == 0
+    return out / 'run', root
+
+
+def _env(endpoint, tmp_path, **extra):
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN='hf_test_token', HF_HOME=str(tmp_path / 'hf_home'),
+               HF_HUB_DISABLE_XET='1', HF_HUB_DISABLE_TELEMETRY='1', PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _publish(run_dir, staged, env, *extra):
+    return subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'publish', str(run_dir), '--repo-id', REPO_ID,
+                           '--out', str(staged), *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _load_logits(tmp_path, env, x):
+    torch.save(x, tmp_path / 'x.pt')
+    res = subprocess.run([sys.executable, '-c', LOAD_SCRIPT, str(tmp_path / 'x.pt'), str(tmp_path / 'out.pt')],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp_path / 'out.pt')
+
+
+@pytest.mark.slow
+def test_publish_round_trip_over_http_then_offline(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    server, state, endpoint = start_hub()
+    try:
+        staged = tmp_path / 'staged'
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--commit-message', 'first weights')
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(state.commits) == 1  # one atomic commit
+        repo, rev, summary, files = state.commits[0]
+        assert (repo, rev, summary) == (REPO_ID, 'main', 'first weights')
+        assert files == ['README.md', 'config.json', 'model.safetensors', 'survival_schedule.png',
+                         'training_curves.png']
+        config = json.loads((staged / 'config.json').read_text())
+        assert config['model_args']['drop_path_rate'] == 0.5 and config['model_args']['sd_rule'] == 'linear'
+        assert config['architecture'] == 'sd_resnet20' and config['pretrained_cfg']['hf_hub_id'] == REPO_ID
+        card = (staged / 'README.md').read_text()
+        assert card.startswith('---\nlibrary_name: timm') and 'stochastic depth' in card.lower()
+        assert "hf-hub:" + REPO_ID in card and '@inproceedings{huang2016deep' in card
+
+        trained = load_model('sd_resnet20', str(run_dir / 'model_best.pth.tar'))
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            expected = trained(x)
+        online = _load_logits(tmp_path, _env(endpoint, tmp_path), x)
+        assert torch.equal(online['timm'], expected) and torch.equal(online['hub'], expected)
+        assert any(m == 'GET' and 'resolve/main/model.safetensors' in p for m, p in state.requests)
+
+        # publishing again updates the repository
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--commit-message', 'again')
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert [c[2] for c in state.commits] == ['first weights', 'again']
+    finally:
+        server.shutdown()
+    # the server is gone: the pre-populated cache serves the files in offline mode
+    offline = _load_logits(tmp_path, _env('http://127.0.0.1:9', tmp_path, HF_HUB_OFFLINE='1'), x)
+    assert torch.equal(offline['timm'], expected) and torch.equal(offline['hub'], expected)
+
+
+@pytest.mark.slow
+def test_failed_commit_publishes_nothing_and_retry_succeeds(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    server, state, endpoint = start_hub()
+    try:
+        state.fail_next_commits = 1
+        staged = tmp_path / 'staged'
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path))
+        assert res.returncode == 2
+        assert 'staged files are intact' in res.stderr and str(staged) in res.stderr
+        assert state.commits == [] and state.repos[REPO_ID]['main']['files'] == {}  # nothing half-published
+        before = {p.name: p.read_bytes() for p in staged.iterdir()}
+        assert 'model.safetensors' in before and 'README.md' in before
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(state.commits) == 1
+        published = state.repos[REPO_ID]['main']['files']
+        assert published['model.safetensors'] == before['model.safetensors']
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    staged = tmp_path / 'staged'
+    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)]) == 0
+    assert (staged / 'model.safetensors').exists() and not list(staged.glob('*.bin'))
+    hub_dir = tmp_path / 'torch_hub'
+    cached = hub_dir / 'OWNER_sd-zoo_main'
+    shutil.copytree(ROOT / 'sd_zoo', cached / 'sd_zoo')
+    shutil.copy(ROOT / 'hubconf.py', cached / 'hubconf.py')
+    torch.hub.set_dir(str(hub_dir))
+    try:
+        model = torch.hub.load('OWNER/sd-zoo:main', 'sd_resnet20', pretrained=True, hub_id=str(staged),
+                               trust_repo=True, skip_validation=True)
+    finally:
+        torch.hub.set_dir(str(tmp_path / 'unused'))
+    ref = load_model('sd_resnet20', str(run_dir / 'model_best.pth.tar'))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    local_dir = load_model(f'local-dir:{staged}')
+    with torch.no_grad():
+        assert torch.equal(local_dir(x), ref(x))
+
+
+@pytest.mark.slow
+def test_bad_published_files_get_clear_errors(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    staged = tmp_path / 'staged'
+    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)]) == 0
+
+    def variant(name):
+        d = tmp_path / name
+        shutil.copytree(staged, d)
+        return d
+
+    truncated = variant('truncated')
+    data = (truncated / 'model.safetensors').read_bytes()
+    (truncated / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match='corrupt or truncated'):
+        load_published(str(truncated))
+    corrupt = variant('corrupt')
+    (corrupt / 'model.safetensors').write_bytes(b'\x00' * 64)
+    with pytest.raises(ValueError, match='corrupt or truncated'):
+        load_published(str(corrupt))
+
+    unknown = variant('unknown')
+    cfg = json.loads((unknown / 'config.json').read_text())
+    cfg['architecture'] = 'no_such_net'
+    (unknown / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'no_such_net', which no installed package registers"):
+        load_published(str(unknown))
+
+    with pytest.raises(ValueError, match='10-class weights, not 100'):
+        load_published(str(staged), num_classes=100)
+    with pytest.raises(ValueError, match="'sd_resnet20' weights, not 'sd_resnet110'"):
+        load_published(str(staged), model_name='sd_resnet110')
+
+    pickled = variant('pickled')
+    torch.save(load_published(str(staged)).state_dict(), pickled / 'pytorch_model.bin')
+    (pickled / 'model.safetensors').unlink()
+    with pytest.raises(ValueError, match='only pickle weights'):
+        load_published(str(pickled))
+
+    junk = tmp_path / 'junk.pth.tar'
+    junk.write_bytes(b'this is no checkpoint')
+    assert main(['publish', str(junk), '--repo-id', REPO_ID, '--dry-run', '--model', 'sd_resnet20',
+                 '--out', str(tmp_path / 'x')]) == 2
+    assert main(['publish', str(tmp_path / 'nowhere'), '--repo-id', REPO_ID, '--dry-run']) == 2
+    assert main(['publish', str(run_dir), '--repo-id', 'no-slash', '--dry-run']) == 2
