@@ -23,6 +23,9 @@ x = torch.load(sys.argv[1])
 out = {}
 out['timm'] = timm.create_model('hf-hub:%(repo)s', pretrained=True).eval()(x)
 out['hub'] = torch.hub.load(%(root)r, 'sd_resnet20', source='local', pretrained=True, hub_id='%(repo)s')(x)
+# a registered config that carries the hub id (as published configs will) loads through timm's own path
+out['tag'] = timm.create_model('sd_resnet20.cifar10', pretrained=True,
+                               pretrained_cfg_overlay=dict(hf_hub_id='%(repo)s')).eval()(x)
 torch.save({k: v.detach() for k, v in out.items()}, sys.argv[2])
 ''' % dict(repo=REPO_ID, root=str(ROOT))
 
@@ -92,17 +95,23 @@ def test_publish_round_trip_over_http_then_offline(trained_run, tmp_path):
             expected = trained(x)
         online = _load_logits(tmp_path, _env(endpoint, tmp_path), x)
         assert torch.equal(online['timm'], expected) and torch.equal(online['hub'], expected)
+        assert torch.equal(online['tag'], expected)
         assert any(m == 'GET' and 'resolve/main/model.safetensors' in p for m, p in state.requests)
 
         # publishing again updates the repository
         res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--commit-message', 'again')
         assert res.returncode == 0, res.stderr[-3000:]
         assert [c[2] for c in state.commits] == ['first weights', 'again']
+        # --revision pushes to a branch (created when missing) and leaves main alone
+        main_sha = state.repos[REPO_ID]['main']['sha']
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--revision', 'dev', '--commit-message', 'dev')
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert state.commits[-1][:3] == (REPO_ID, 'dev', 'dev') and state.repos[REPO_ID]['main']['sha'] == main_sha
     finally:
         server.shutdown()
     # the server is gone: the pre-populated cache serves the files in offline mode
     offline = _load_logits(tmp_path, _env('http://127.0.0.1:9', tmp_path, HF_HUB_OFFLINE='1'), x)
-    assert torch.equal(offline['timm'], expected) and torch.equal(offline['hub'], expected)
+    assert all(torch.equal(offline[k], expected) for k in ('timm', 'hub', 'tag'))
 
 
 @pytest.mark.slow
