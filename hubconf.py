@@ -33,5 +33,5 @@ def _make_entrypoint(model_name: str):
     return entrypoint
 
 
-for _name in _timm.list_models(module=['sd_resnet_cifar']):
+for _name in _timm.list_models('sd_*'):
     globals()[_name] = _make_entrypoint(_name)

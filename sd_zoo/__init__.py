@@ -12,5 +12,6 @@ from .stochastic_depth import (
     survival_schedule,
 )
 from .models import *
+from .models.sd_resnet_imagenet import add_stochastic_depth, plain_state_dict
 
 __version__ = '0.1.0'

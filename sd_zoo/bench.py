@@ -309,7 +309,13 @@ class PlainBasicBlock(nn.Module):
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A copy whose blocks are plain ResNet blocks sharing the (folded) weights."""
+    """A plain ResNet with the (folded) weights: timm's own ResNet for the ImageNet family, else a copy
+    whose blocks are plain post-activation blocks."""
+    from .models.sd_resnet_imagenet import SDResNet, plain_state_dict
+    if isinstance(model, SDResNet):
+        plain = timm.create_model(model.pretrained_cfg['architecture'][len('sd_'):], num_classes=model.num_classes)
+        plain.load_state_dict(plain_state_dict(model))
+        return plain.to(next(model.parameters()).device)
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         for child_name, child in list(module.named_children()):

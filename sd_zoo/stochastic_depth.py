@@ -146,6 +146,24 @@ class StochasticResidual(nn.Module):
             dtype=None,
     ):
         super().__init__()
+        self.init_stochastic_depth(survival_prob, granularity, scaling, block_index, seed, device=device, dtype=dtype)
+
+    def init_stochastic_depth(
+            self,
+            survival_prob: float = 1.0,
+            granularity: str = 'batch',
+            scaling: str = 'paper',
+            block_index: int = 0,
+            seed: int = 0,
+            persistent: bool = True,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """Set (or reset) the block's stochastic-depth state; also used to convert an existing block.
+
+        ``persistent=False`` keeps the eval scale out of the state_dict (for converted models whose keys
+        must not change; valid when the eval scale is 1, i.e. inverted scaling).
+        """
         check_sd_args(survival_prob, granularity=granularity, scaling=scaling)
         self.survival_prob = float(survival_prob)
         self.granularity = granularity
@@ -156,7 +174,8 @@ class StochasticResidual(nn.Module):
         self.last_gate = True
         scale = self.survival_prob if scaling == 'paper' else 1.0
         buffer_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
-        self.register_buffer('eval_scale', torch.tensor(scale, device=device, dtype=buffer_dtype))
+        self.register_buffer('eval_scale', torch.tensor(scale, device=device, dtype=buffer_dtype),
+                             persistent=persistent)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -258,7 +277,12 @@ def fold_survival_scale(model: nn.Module) -> nn.Module:
     The folded model computes exactly what it computed before in eval mode, with every eval scale at 1,
     i.e. it is a plain ResNet. Blocks name their last branch norm with the ``last_norm`` attribute.
     """
-    for block in stochastic_blocks(model):
+    blocks = stochastic_blocks(model)
+    for block in blocks:
+        if getattr(block, 'se', None) is not None:
+            raise ValueError(f'cannot fold the eval scale of {type(block).__name__}: its branch ends in an '
+                             f'attention module after the last norm, which is not linear in the scale')
+    for block in blocks:
         norm = getattr(block, getattr(block, 'last_norm', 'bn2'))
         scale = block.eval_scale.to(norm.weight.dtype)
         norm.weight.mul_(scale)

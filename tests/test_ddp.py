@@ -16,16 +16,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _build(kind: str):
+    import timm
+    import sd_zoo
+    if kind == 'converted_resnet18':  # sd_zoo.add_stochastic_depth on timm's own resnet18
+        return sd_zoo.add_stochastic_depth(timm.create_model('resnet18', num_classes=10), drop_path_rate=0.5,
+                                           sd_seed=7)
+    return timm.create_model(kind, drop_path_rate=0.5, sd_seed=7)
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, kind: str) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world_size)
     try:
-        import timm
         import sd_zoo
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         torch.manual_seed(42 + rank)  # like timm's train.py: a different global seed on every rank
-        model = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_seed=7)
+        model = _build(kind)
         # same initial weights on every rank come from DDP's broadcast of rank 0's parameters
         ddp = DDP(model)  # find_unused_parameters=False (the default), as timm's train.py wraps it
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -45,8 +53,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_ranks_identical_gates_and_weights(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize('kind', ['sd_resnet20', 'converted_resnet18'])
+def test_ddp_two_ranks_identical_gates_and_weights(tmp_path, kind):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=True)
     r0 = torch.load(tmp_path / 'rank0.pt')
     r1 = torch.load(tmp_path / 'rank1.pt')
     assert r0['gates'] == r1['gates']
