@@ -24,7 +24,11 @@ def test_no_config_points_at_missing_weights():
     for name in timm.list_models('sd_*', include_tags=True):
         cfg = timm.models.get_pretrained_cfg(name)
         assert not cfg.hf_hub_id and not cfg.url and not cfg.file, name
-        assert cfg.input_size == (3, 32, 32) and cfg.crop_pct == 1.0 and cfg.paper_ids == 'arXiv:1603.09382'
+        assert cfg.paper_ids == 'arXiv:1603.09382' and cfg.license == 'apache-2.0'
+        if name.split('.')[0] in CIFAR_MODELS:
+            assert cfg.input_size == (3, 32, 32) and cfg.crop_pct == 1.0
+        else:
+            assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == 0.875 and cfg.tag == 'in1k'
 
 
 @pytest.mark.parametrize('tag,num_classes,mean0', [('cifar10', 10, 0.4914), ('cifar100', 100, 0.5071),
