@@ -9,7 +9,7 @@ dependencies = ['torch', 'timm']
 
 import timm as _timm
 
-import sd_zoo as _sd_zoo
+import sd_zoo as _sd_zoo  # noqa: F401  registers the sd models
 from sd_zoo.hub import load_published as _load_published
 
 

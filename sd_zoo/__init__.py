@@ -11,7 +11,12 @@ from .stochastic_depth import (
     StochasticResidual,
     survival_schedule,
 )
+from . import hub
 from .models import *
 from .models.sd_resnet_imagenet import add_stochastic_depth, plain_state_dict
 
 __version__ = '0.1.0'
+__all__ = [
+    'survival_schedule', 'expected_depth', 'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale',
+    'set_gate_seed', 'compile_blocks', 'add_stochastic_depth', 'plain_state_dict',
+]

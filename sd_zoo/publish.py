@@ -8,8 +8,6 @@ user's token; a failure leaves the staged folder as it was, and publishing again
 """
 import argparse
 import csv
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -13,7 +13,7 @@ This module holds the mechanism shared by every sd-zoo model:
 * :func:`fold_survival_scale` - folds the eval scale into the branch's last BN (a plain ResNet);
 * :func:`compile_blocks` - ``torch.compile`` for the branches, so that gates never cause recompiles.
 """
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,7 @@ initialisation (they evaluate unscaled), and every timm ResNet feature works unc
 resnext*, seresnet*, wide_resnet*, ...) the same batch-mode stochastic depth, in place or as a copy.
 """
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..stochastic_depth import StochasticResidual, check_sd_args, stochastic_blocks, survival_schedule
+from ..stochastic_depth import StochasticResidual, check_sd_args, survival_schedule
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck', 'add_stochastic_depth', 'plain_state_dict']
 
