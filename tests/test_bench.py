@@ -39,3 +39,16 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
 def test_bench_rejects_unknown_model(capsys):
     assert main(['bench', '--model', 'resnet50', '--skip', 'ddp', 'eval', 'memory']) == 2
     assert "unknown sd-zoo model 'resnet50'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_runs_on_sd_resnet50(tmp_path):
+    out = tmp_path / 'bench50.json'
+    assert main(['bench', '--model', 'sd_resnet50', '--batch-size', '2', '--img-size', '64', '--steps', '2',
+                 '--warmup', '1', '--cost-steps', '1', '--eval-batches', '1', '--skip', 'ddp', 'memory',
+                 '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res['train']['num_blocks'] == 16 and res['train']['expected_active_blocks'] == pytest.approx(11.75)
+    assert set(res['train']['stage_costs']['stage_share']) == {'layer1', 'layer2', 'layer3', 'layer4'}
+    assert res['eval']['max_rel_output_diff'] < 1e-5  # folded SD == timm's own resnet50 with those weights
