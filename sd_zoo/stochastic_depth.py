@@ -98,9 +98,12 @@ def gate_uniform(seed: int, block_index: int, step: int) -> float:
     return (z >> 11) * (1.0 / (1 << 53))
 
 
+_graph_task_id = getattr(torch._C, '_current_graph_task_id', lambda: -1)
+
+
 def _in_backward() -> bool:
     """True while autograd's engine runs a backward pass, i.e. when activation checkpointing recomputes."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
 
 
 class _ZeroGradIdentity(torch.autograd.Function):
