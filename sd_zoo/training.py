@@ -133,7 +133,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g = p.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--log-interval', type=int, default=50, help='log every N batches when there is no progress bar')
     g.add_argument('--checkpoint-hist', type=int, default=10)
     g.add_argument('-j', '--workers', type=int, default=4)
     g.add_argument('--pin-mem', action='store_true', default=False)
@@ -378,6 +378,10 @@ def train_one_epoch(epoch: int, task, model, loader, optimizer, lr_scheduler, lo
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{losses / seen:.4f}', img_s=f'{seen * args.world_size / elapsed:.0f}',
                             active=f'{active_sum / batches:.1f}/{len(blocks)}', refresh=False)
+        elif args.primary and args.log_interval and (batch_idx % args.log_interval == 0 or batch_idx + 1 == steps):
+            elapsed = time.perf_counter() - start
+            _logger.info(f'epoch {epoch} [{batch_idx + 1}/{steps}] loss {losses / seen:.4f} '
+                         f'{seen * args.world_size / elapsed:.0f} img/s, active {active_sum / batches:.2f}/{len(blocks)}')
     wall = time.perf_counter() - start
     return dict(loss=losses / max(seen, 1), wall_s=wall, images_per_s=seen * args.world_size / max(wall, 1e-9),
                 mean_active_blocks=active_sum / max(batches, 1), num_blocks=len(blocks), num_updates=num_updates)
