@@ -11,7 +11,7 @@ from .stochastic_depth import (
     StochasticResidual,
     survival_schedule,
 )
-from . import hub
+from . import hub  # noqa: F401  sd_zoo.hub.load_published
 from .models import *
 from .models.sd_resnet_imagenet import add_stochastic_depth, plain_state_dict
 

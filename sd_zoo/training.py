@@ -26,29 +26,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import yaml
+from timm.utils import ParseKwargs
 
 from .stochastic_depth import compile_blocks, set_gate_seed, stochastic_blocks
 
 _logger = logging.getLogger('sd_zoo.train')
 
 DATASET_CHOICES_HELP = "'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn"
-
-
-class ParseKwargs(argparse.Action):
-    """``--model-kwargs a=1 b=x`` as timm's train.py parses it (literal values where possible)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import ast
-        kw = {}
-        for value in values:
-            if '=' not in value:
-                raise argparse.ArgumentError(self, f'expected key=value, got {value!r}')
-            key, val = value.split('=', 1)
-            try:
-                kw[key] = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                kw[key] = str(val)
-        setattr(namespace, self.dest, kw)
 
 
 def build_train_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,12 @@ __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck', 'add_stochastic_depth', '
 class _TimmBlockSD(StochasticResidual):
     """Stochastic depth on a timm residual block: its branch and shortcut, its module names."""
 
+    def __init__(self, *args, survival_prob: float = 1.0, granularity: str = 'batch', scaling: str = 'paper',
+                 block_index: int = 0, seed: int = 0, **kwargs):
+        super(StochasticResidual, self).__init__(*args, **kwargs)  # the timm block's own __init__ (next in MRO)
+        self.init_stochastic_depth(survival_prob, granularity, scaling, block_index, seed,
+                                   device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             return self.downsample(x)
@@ -46,12 +52,6 @@ class SDBasicBlock(_TimmBlockSD, BasicBlock):
     """timm's BasicBlock with stochastic depth (same modules and keys)."""
     last_norm = 'bn2'
 
-    def __init__(self, *args, survival_prob: float = 1.0, granularity: str = 'batch', scaling: str = 'paper',
-                 block_index: int = 0, seed: int = 0, **kwargs):
-        BasicBlock.__init__(self, *args, **kwargs)
-        self.init_stochastic_depth(survival_prob, granularity, scaling, block_index, seed,
-                                   device=kwargs.get('device'), dtype=kwargs.get('dtype'))
-
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(x)
 
@@ -71,12 +71,6 @@ class SDBasicBlock(_TimmBlockSD, BasicBlock):
 class SDBottleneck(_TimmBlockSD, Bottleneck):
     """timm's Bottleneck with stochastic depth (same modules and keys)."""
     last_norm = 'bn3'
-
-    def __init__(self, *args, survival_prob: float = 1.0, granularity: str = 'batch', scaling: str = 'paper',
-                 block_index: int = 0, seed: int = 0, **kwargs):
-        Bottleneck.__init__(self, *args, **kwargs)
-        self.init_stochastic_depth(survival_prob, granularity, scaling, block_index, seed,
-                                   device=kwargs.get('device'), dtype=kwargs.get('dtype'))
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act3(x)
