@@ -450,8 +450,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     start_epoch = 0
     output_dir = _output_dir(args)
     if args.resume:
-        start_epoch = resume_task_checkpoint(task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                             loss_scaler=loss_scaler, log_info=args.primary) or 0
+        try:
+            start_epoch = resume_task_checkpoint(
+                task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
+                log_info=args.primary) or 0
+        except Exception as e:  # a foreign or damaged file: say which, and that nothing was written
+            raise ValueError(f'cannot resume from {args.resume!r} ({type(e).__name__}: '
+                             f'{str(e).splitlines()[0] if str(e) else ""}); it must be a checkpoint of this model '
+                             f'and optimizer (last.pth.tar of the run)') from e
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if args.model_ema:

@@ -154,6 +154,14 @@ def test_cli_errors(tmp_path, capsys):
     assert 'does not exist' in capsys.readouterr().err
     assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path), '--results-file', 'r.txt']) == 2
     assert '.json or .csv' in capsys.readouterr().err
+    junk_resume = tmp_path / 'junk_resume.pth.tar'
+    junk_resume.write_bytes(b'no checkpoint here')
+    (empty / 'train' / 'c0').mkdir()
+    from PIL import Image
+    Image.new('RGB', (32, 32)).save(empty / 'train' / 'c0' / 'a.png')
+    assert main(['train', '--data-dir', str(empty), '--model', 'sd_resnet20', '-j', '0', '-b', '1', '--val-split',
+                 '', '--resume', str(junk_resume), '--output', str(tmp_path / 'o')]) == 2
+    assert 'cannot resume from' in capsys.readouterr().err
     not_ckpt = tmp_path / 'junk.pth.tar'
     not_ckpt.write_bytes(b'not a checkpoint')
     assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path), '--checkpoint',
