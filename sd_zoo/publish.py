@@ -47,6 +47,10 @@ def build_publish_parser() -> argparse.ArgumentParser:
     p.add_argument('--dataset', default='', help="'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn")
     p.add_argument('--split', default='test', help='split to validate on (default: test)')
     p.add_argument('--data-note', default='', help='a note on the evaluation data for the card')
+    p.add_argument('--baseline', default=None, metavar='RUN',
+                   help='output folder of the constant-depth twin (same recipe, drop_path 0): the card compares '
+                        'test accuracy (validated like this model) and training time with it')
+    p.add_argument('--train-note', default='', help='a note on the training hardware/conditions for the card')
     p.add_argument('--private', action='store_true', default=False)
     p.add_argument('--revision', default=None, help='branch to push to (created when missing)')
     p.add_argument('--commit-message', default=None)
@@ -121,6 +125,54 @@ def sd_model_args(model: torch.nn.Module) -> Dict[str, Any]:
     )
 
 
+def _median(values: List[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def training_times(run_dir: Path) -> Optional[Dict[str, float]]:
+    """Wall-clock time of a run from its epochs.csv: total and median epoch (robust to pauses)."""
+    walls = [float(e['wall_s']) for e in _read_csv(run_dir / 'epochs.csv') if e.get('wall_s')]
+    if not walls:
+        return None
+    return dict(epochs=len(walls), total_s=sum(walls), median_epoch_s=_median(walls))
+
+
+# run settings that do not change the recipe: where and how it ran, not what it trained
+_NON_RECIPE_ARGS = {'drop_path', 'experiment', 'output', 'resume', 'data_dir', 'workers', 'no_progress',
+                    'log_interval', 'checkpoint_hist', 'device', 'dataset_download', 'pin_mem', 'config'}
+
+
+def _evaluate(model: str, checkpoint: str, data_dir: Optional[str], dataset: str, split: str) -> Dict[str, Any]:
+    from .evaluation import validate
+    ns = argparse.Namespace(model=model, checkpoint=checkpoint, use_ema=False, pretrained=not checkpoint,
+                            data_dir=data_dir, dataset=dataset, dataset_download=False, split=split,
+                            num_classes=None, subset=0, batch_size=256, workers=2, device='cpu', amp=False,
+                            amp_dtype='float16', channels_last=False, results_file='', seed=42)
+    return validate(ns)
+
+
+def compare_with_baseline(source: Dict[str, Any], arch: str, baseline: str, which: str,
+                          data_dir: Optional[str], dataset: str, split: str) -> Dict[str, Any]:
+    """Accuracy and training time of the constant-depth twin, measured the same way as the SD model."""
+    base = resolve_source(baseline, which)
+    base_model = build_model(base, None, use_ema=False)  # the model as trained: its real drop_path_rate
+    base_arch = base_model.pretrained_cfg['architecture']
+    if base_arch != arch:
+        raise ValueError(f'--baseline {baseline!r} trained {base_arch!r}, not {arch!r}: give the constant-depth '
+                         f'twin of this run')
+    if base_model.drop_path_rate != 0.0:
+        raise ValueError(f'--baseline {baseline!r} was trained with drop_path {base_model.drop_path_rate:g}: the '
+                         f'baseline must be the constant-depth twin (drop_path 0)')
+    sd_args, base_args = source['args'], base['args']
+    differs = sorted(k for k in set(sd_args) | set(base_args)
+                     if k not in _NON_RECIPE_ARGS and sd_args.get(k) != base_args.get(k))
+    results = _evaluate(arch, str(base['checkpoint']), data_dir, dataset, split) if (data_dir or dataset) else None
+    return dict(run_dir=str(base['run_dir']), checkpoint=base['checkpoint'].name, recipe_differs=differs,
+                results=results, times=training_times(base['run_dir']))
+
+
 def _tag_for(args: Dict[str, Any], tag: Optional[str], num_classes: int) -> str:
     if tag:
         return tag
@@ -174,7 +226,8 @@ def plot_schedule(model: torch.nn.Module, path: Path) -> None:
 
 def stage(source_path: str, out_dir: str, repo_id: str, model_name: Optional[str] = None, which: str = 'best',
           use_ema: bool = False, tag: Optional[str] = None, data_dir: Optional[str] = None, dataset: str = '',
-          split: str = 'test', data_note: str = '') -> Dict[str, Any]:
+          split: str = 'test', data_note: str = '', baseline: Optional[str] = None,
+          train_note: str = '') -> Dict[str, Any]:
     """Write the Hub repository's files into ``out_dir`` and check that they reproduce the trained model."""
     import timm
     from timm.models import save_for_hf
@@ -210,27 +263,22 @@ def stage(source_path: str, out_dir: str, repo_id: str, model_name: Optional[str
     with torch.no_grad():
         if not torch.equal(exported(x), model(x)):
             raise RuntimeError('the exported files do not reproduce the trained model')
-    results = None
-    if data_dir or dataset:
-        from .evaluation import validate
-        ns = argparse.Namespace(model=f'local-dir:{out}', checkpoint='', use_ema=False, pretrained=True,
-                                data_dir=data_dir, dataset=dataset, dataset_download=False, split=split,
-                                num_classes=None, subset=0, batch_size=256, workers=2, device='cpu', amp=False,
-                                amp_dtype='float16', channels_last=False, results_file='', seed=42)
-        results = validate(ns)
-    card = model_card(model, repo_id, arch, tag, source, results, plots, data_note, use_ema)
+    results = _evaluate(f'local-dir:{out}', '', data_dir, dataset, split) if (data_dir or dataset) else None
+    comparison = compare_with_baseline(source, arch, baseline, which, data_dir, dataset, split) if baseline else None
+    card = model_card(model, repo_id, arch, tag, source, results, plots, data_note, use_ema, comparison,
+                      train_note)
     (out / 'README.md').write_text(card)
     files = sorted(p.name for p in out.iterdir())
     if any(f.endswith(('.bin', '.pth', '.pt', '.pkl', '.tar')) for f in files):
         raise RuntimeError(f'pickle files in the staged repository: {files}')
-    return dict(out_dir=str(out), files=files, results=results, architecture=arch, tag=tag)
+    return dict(out_dir=str(out), files=files, results=results, architecture=arch, tag=tag, baseline=comparison)
 
 
 def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any], results, plots: List[str],
-               data_note: str, use_ema: bool) -> str:
+               data_note: str, use_ema: bool, comparison: Optional[Dict[str, Any]] = None,
+               train_note: str = '') -> str:
     args = source['args']
-    epochs = _read_csv(source['run_dir'] / 'epochs.csv')
-    wall_h = sum(float(e['wall_s']) for e in epochs) / 3600 if epochs else None
+    times = training_times(source['run_dir'])
     probs = [b.survival_prob for b in stochastic_blocks(model)]
     datasets = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn'}
     meta = dict(library_name='timm', license='apache-2.0', tags=['image-classification', 'timm', 'sd-zoo',
@@ -258,9 +306,12 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
                 'cifar_aug', 'val_holdout', 'seed')
         lines += ['## Training', '', '| setting | value |', '|---|---|',
                   *[f'| {k} | {args[k]} |' for k in keys if k in args]]
-        if wall_h is not None:
-            lines.append(f'| wall-clock training time | {wall_h:.2f} h over {len(epochs)} epochs |')
+        if times is not None:
+            lines.append(f'| wall-clock training time | {times["total_s"] / 3600:.2f} h over {times["epochs"]} '
+                         f'epochs (median epoch {times["median_epoch_s"]:.1f} s) |')
         lines.append('')
+        if train_note:
+            lines += [train_note, '']
     lines += ['## Results', '']
     if results:
         paper = PAPER_ERROR.get((arch, tag))
@@ -273,6 +324,8 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
             lines += [data_note, '']
     else:
         lines += ['Not measured at publishing time (no --data-dir was given).', '']
+    if comparison:
+        lines += _comparison_lines(comparison, results, times)
     if plots:
         lines += ['## Plots', '', *[f'![{p[:-4]}]({p})' for p in plots], '']
     lines += ['## Usage', '', '```python', 'import timm, torch', 'import sd_zoo  # registers the sd-zoo models',
@@ -282,6 +335,30 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
               f"model = torch.hub.load('OWNER/sd-zoo', '{arch}', pretrained=True, hub_id='{repo_id}')", '```', '',
               '## Citation', '', '```bibtex', CITATION, '```', '']
     return '\n'.join(lines)
+
+
+def _comparison_lines(comparison: Dict[str, Any], results, times) -> List[str]:
+    base_results, base_times = comparison['results'], comparison['times']
+    same = ('the same recipe except drop_path' if not comparison['recipe_differs'] else
+            f'the same recipe except drop_path and: {", ".join(comparison["recipe_differs"])}')
+    lines = ['## Stochastic depth vs. constant depth', '',
+             f'The constant-depth twin (`{Path(comparison["run_dir"]).name}`, `{comparison["checkpoint"]}`) was '
+             f'trained with {same}, and validated the same way.', '',
+             '| | stochastic depth (this model) | constant depth |', '|---|---|---|']
+    if results and base_results:
+        lines += [f'| test top-1 | {results["top1"]:.2f} | {base_results["top1"]:.2f} |',
+                  f'| test top-1 error | {results["top1_err"]:.2f} | {base_results["top1_err"]:.2f} |',
+                  f'| test top-5 | {results["top5"]:.2f} | {base_results["top5"]:.2f} |']
+    if times and base_times:
+        ratio = times['median_epoch_s'] / base_times['median_epoch_s']
+        lines += [f'| median epoch wall time | {times["median_epoch_s"]:.1f} s | '
+                  f'{base_times["median_epoch_s"]:.1f} s |',
+                  f'| total wall-clock | {times["total_s"] / 3600:.2f} h ({times["epochs"]} epochs) | '
+                  f'{base_times["total_s"] / 3600:.2f} h ({base_times["epochs"]} epochs) |', '',
+                  f'Training time saved by stochastic depth: {1 - ratio:.1%} per epoch (median epoch time ratio '
+                  f'{ratio:.3f}; the median ignores epochs slowed by other work on the machine).']
+    lines.append('')
+    return lines
 
 
 def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optional[str] = None,
@@ -307,7 +384,7 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     if '/' not in args.repo_id:
         raise ValueError(f'--repo-id {args.repo_id!r} must be ORG/NAME')
     staged = stage(args.source, out_dir, args.repo_id, args.model, args.checkpoint, args.ema, args.tag,
-                   args.data_dir, args.dataset, args.split, args.data_note)
+                   args.data_dir, args.dataset, args.split, args.data_note, args.baseline, args.train_note)
     print(f'staged {", ".join(staged["files"])} in {out_dir}')
     if args.dry_run:
         return staged

@@ -13,6 +13,7 @@ from hub_server import start_hub
 from sd_zoo.cli import main
 from sd_zoo.evaluation import load_model
 from sd_zoo.hub import load_published
+from sd_zoo.publish import main as publish_main
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = 'sdzoo/tiny-sd-resnet20'
@@ -23,9 +24,9 @@ x = torch.load(sys.argv[1])
 out = {}
 out['timm'] = timm.create_model('hf-hub:%(repo)s', pretrained=True).eval()(x)
 out['hub'] = torch.hub.load(%(root)r, 'sd_resnet20', source='local', pretrained=True, hub_id='%(repo)s')(x)
-# a registered config that carries the hub id (as published configs will) loads through timm's own path
+# a registered config that carries the hub id (and no shipped file) loads through timm's own hub path
 out['tag'] = timm.create_model('sd_resnet20.cifar10', pretrained=True,
-                               pretrained_cfg_overlay=dict(hf_hub_id='%(repo)s')).eval()(x)
+                               pretrained_cfg_overlay=dict(hf_hub_id='%(repo)s', file=None)).eval()(x)
 torch.save({k: v.detach() for k, v in out.items()}, sys.argv[2])
 ''' % dict(repo=REPO_ID, root=str(ROOT))
 
@@ -206,3 +207,32 @@ def test_bad_published_files_get_clear_errors(trained_run, tmp_path):
                  '--out', str(tmp_path / 'x')]) == 2
     assert main(['publish', str(tmp_path / 'nowhere'), '--repo-id', REPO_ID, '--dry-run']) == 2
     assert main(['publish', str(run_dir), '--repo-id', 'no-slash', '--dry-run']) == 2
+
+
+@pytest.mark.slow
+def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
+    run_dir, data = trained_run
+    out = tmp_path / 'runs'
+    assert main(['train', '--data-dir', str(data), '--model', 'sd_resnet20', '--drop-path', '0', '--epochs', '1',
+                 '-b', '16', '-j', '0', '--no-progress', '--cifar-aug', '--train-split', 'train', '--val-split',
+                 'test', '--output', str(out), '--experiment', 'constant', '--lr', '0.05']) == 0
+    staged = tmp_path / 'staged'
+    result = publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
+                           '--data-dir', str(data), '--baseline', str(out / 'constant'),
+                           '--train-note', 'Trained on a test machine.'])
+    card = (staged / 'README.md').read_text()
+    base = result['baseline']
+    # the twin was validated like the SD model: the same images, its own checkpoint
+    assert base['results']['images'] == result['results']['images'] == 20
+    ref = load_model('sd_resnet20', str(out / 'constant' / 'model_best.pth.tar'))
+    # a default-built model (drop_path_rate 0.5) takes the twin's eval scales (all 1) from its weights
+    assert ref.drop_path_rate == 0.5 and all(float(b.eval_scale) == 1.0 for b in ref.layer1)
+    assert '## Stochastic depth vs. constant depth' in card and 'Trained on a test machine.' in card
+    assert f'| test top-1 | {result["results"]["top1"]:.2f} | {base["results"]["top1"]:.2f} |' in card
+    assert 'the same recipe except drop_path, and validated' in card
+    assert 'Training time saved by stochastic depth:' in card and 'median epoch wall time' in card
+
+    # a stochastic-depth run is no constant-depth baseline
+    with pytest.raises(ValueError, match='trained with drop_path 0.5: the baseline must be the constant-depth twin'):
+        publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'x'),
+                      '--baseline', str(run_dir)])
