@@ -24,6 +24,7 @@ PAPER_ERROR = {  # Table 1 of the paper, test error % (constant depth, stochasti
     ('sd_resnet110', 'cifar10'): (6.41, 5.25), ('sd_resnet110', 'cifar100'): (27.76, 24.98),
     ('sd_resnet1202', 'cifar10'): (6.67, 4.91), ('sd_resnet152_cifar', 'svhn'): (1.80, 1.75),
 }
+DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN'}
 CIFAR10_LABELS = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 CITATION = """@inproceedings{huang2016deep,
   title={Deep Networks with Stochastic Depth},
@@ -280,6 +281,7 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
     args = source['args']
     times = training_times(source['run_dir'])
     probs = [b.survival_prob for b in stochastic_blocks(model)]
+    constant = model.drop_path_rate == 0
     datasets = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn'}
     meta = dict(library_name='timm', license='apache-2.0', tags=['image-classification', 'timm', 'sd-zoo',
                                                                   'stochastic-depth'],
@@ -288,8 +290,9 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
         meta['metrics'] = ['accuracy']
     lines = ['---', yaml.safe_dump(meta, sort_keys=False).strip(), '---', '',
              f'# {repo_id.split("/")[-1]}', '',
-             f'A {model.depth}-layer CIFAR-style ResNet trained with stochastic depth on {tag.upper()}, '
-             f'from sd-zoo (`{arch}`, a timm plugin).', '',
+             f'A {model.depth}-layer CIFAR-style ResNet trained with '
+             f'{"constant depth (stochastic depth off, every block at every step)" if constant else "stochastic depth"}'
+             f' on {DATASET_NAMES.get(tag, tag)}, from sd-zoo (`{arch}`, a timm plugin).', '',
              'Stochastic depth (Huang et al., 2016) trains a very deep residual network as an ensemble of '
              'shorter ones: every mini-batch, each residual block is skipped (replaced by its shortcut, not '
              'computed) with probability 1 - p_l. At test time all blocks run, each branch scaled by p_l, which '
@@ -297,6 +300,7 @@ def model_card(model, repo_id: str, arch: str, tag: str, source: Dict[str, Any],
              '## Model', '',
              f'- architecture: `{arch}`, depth {model.depth}, {len(probs)} residual blocks, '
              f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.num_classes} classes',
+             '- stochastic depth: off (drop_path_rate 0); pass drop_path_rate to fine-tune with it' if constant else
              f'- stochastic depth: p_L = {1 - model.drop_path_rate:g} ({model.sd_rule} rule), expected '
              f'{sum(probs):.2f} of {len(probs)} blocks per step, {stochastic_blocks(model)[0].granularity} '
              f'gates, {stochastic_blocks(model)[0].scaling} scaling (eval scales are stored in the weights)',

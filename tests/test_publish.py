@@ -232,6 +232,12 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     assert 'the same recipe except drop_path, and validated' in card
     assert 'Training time saved by stochastic depth:' in card and 'median epoch wall time' in card
 
+    assert 'trained with stochastic depth on CIFAR-10' in card and '- stochastic depth: p_L = 0.5' in card
+    # the twin's own card says what it is
+    publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'constant')])
+    constant_card = (tmp_path / 'constant' / 'README.md').read_text()
+    assert 'trained with constant depth' in constant_card and '- stochastic depth: off' in constant_card
+
     # a stochastic-depth run is no constant-depth baseline
     with pytest.raises(ValueError, match='trained with drop_path 0.5: the baseline must be the constant-depth twin'):
         publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'x'),
