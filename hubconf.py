@@ -2,8 +2,10 @@
 
 Every model that ``import sd_zoo`` registers in timm is an entry point with the same name; keyword
 arguments go to ``timm.create_model`` (``drop_path_rate``, ``sd_rule``, ``num_classes``, ...).
-``pretrained=True`` loads published safetensors weights from the Hugging Face Hub (``hub_id='ORG/NAME'``,
-or the config's own hub id) through huggingface_hub: cached, verified, offline mode honoured.
+``pretrained=True`` loads the weights that ship in the sd_zoo package where there are some (offline;
+``sd_zoo.SHIPPED_WEIGHTS``), else published safetensors weights from the Hugging Face Hub
+(``hub_id='ORG/NAME'``, or the config's own hub id) through huggingface_hub: cached, verified, offline
+mode honoured. ``hub_id`` always means the Hub.
 """
 dependencies = ['torch', 'timm']
 
@@ -17,7 +19,11 @@ def _make_entrypoint(model_name: str):
     def entrypoint(pretrained: bool = False, hub_id: str = None, **kwargs):
         if not pretrained:
             return _timm.create_model(model_name, **kwargs)
-        hub_id = hub_id or _timm.models.get_pretrained_cfg(model_name).hf_hub_id
+        cfg = _timm.models.get_pretrained_cfg(model_name)
+        if hub_id is None and cfg.file:
+            # weights shipped in the sd_zoo package: timm's own loader, offline; num_classes re-heads it
+            return _timm.create_model(model_name, pretrained=True, **kwargs)
+        hub_id = hub_id or cfg.hf_hub_id
         if not hub_id:
             raise ValueError(f'{model_name} has no published weights yet: pass hub_id="ORG/NAME" of a repository '
                              f'made with sd-zoo publish')
@@ -28,7 +34,7 @@ def _make_entrypoint(model_name: str):
     entrypoint.__doc__ = (
         f'{(model_fn.__doc__ or model_name).strip()}\n\n'
         f'pretrained=False: ``timm.create_model({model_name!r}, **kwargs)`` after ``import sd_zoo``.\n'
-        f'pretrained=True: published safetensors weights from the Hub repo ``hub_id`` (ORG/NAME).\n'
+        f'pretrained=True: the weights shipped in sd_zoo, or the Hub repo ``hub_id`` (ORG/NAME).\n'
         f'Pretrained tags: {", ".join(_timm.models.get_arch_pretrained_cfgs(model_name)) or "none"}.')
     return entrypoint
 

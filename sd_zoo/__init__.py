@@ -13,10 +13,12 @@ from .stochastic_depth import (
 )
 from . import hub  # noqa: F401  sd_zoo.hub.load_published
 from .models import *
+from .models.sd_resnet_cifar import SHIPPED_WEIGHTS, shipped_weights_dir
 from .models.sd_resnet_imagenet import add_stochastic_depth, plain_state_dict
 
 __version__ = '0.1.0'
 __all__ = [
     'survival_schedule', 'expected_depth', 'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale',
-    'set_gate_seed', 'compile_blocks', 'add_stochastic_depth', 'plain_state_dict',
+    'set_gate_seed', 'compile_blocks', 'add_stochastic_depth', 'plain_state_dict', 'SHIPPED_WEIGHTS',
+    'shipped_weights_dir',
 ]

@@ -1,9 +1,12 @@
 """What a timm user expects of any timm model, on the sd models."""
+import os
+
 import pytest
 import timm
 import timm.data
 import torch
 
+import sd_zoo
 from sd_zoo import stochastic_blocks
 
 CIFAR_MODELS = ['sd_resnet20', 'sd_resnet32', 'sd_resnet44', 'sd_resnet56', 'sd_resnet110', 'sd_resnet1202',
@@ -20,10 +23,14 @@ def test_registry_and_parameter_counts():
 
 
 def test_no_config_points_at_missing_weights():
-    assert timm.list_pretrained('sd_*') == []
+    assert timm.list_pretrained('sd_*') == sorted(sd_zoo.SHIPPED_WEIGHTS)  # tests/test_pretrained.py loads them
     for name in timm.list_models('sd_*', include_tags=True):
         cfg = timm.models.get_pretrained_cfg(name)
-        assert not cfg.hf_hub_id and not cfg.url and not cfg.file, name
+        assert not cfg.url, name
+        if name in sd_zoo.SHIPPED_WEIGHTS:
+            assert cfg.hf_hub_id == f'sd-zoo/{name}' and os.path.isfile(cfg.file), name
+        else:
+            assert not cfg.hf_hub_id and not cfg.file, name
         assert cfg.paper_ids == 'arXiv:1603.09382' and cfg.license == 'apache-2.0'
         if name.split('.')[0] in CIFAR_MODELS:
             assert cfg.input_size == (3, 32, 32) and cfg.crop_pct == 1.0

@@ -7,6 +7,7 @@ their shortcut is 2x2 average pooling with stride 2 followed by zero-padding of 
 shortcut has parameters. ResNet-110 (n = 18, 54 blocks) is the paper's CIFAR model, ResNet-1202
 (n = 200) its very deep one, and the 152-layer net (n = 25) its SVHN model.
 """
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -18,7 +19,7 @@ from timm.models._features import feature_take_indices
 
 from ..stochastic_depth import StochasticResidual, check_sd_args, survival_schedule
 
-__all__ = ['SDCifarResNet', 'CifarBasicBlock']
+__all__ = ['SDCifarResNet', 'CifarBasicBlock', 'shipped_weights_dir', 'SHIPPED_WEIGHTS']
 
 SHORTCUT_TYPES = ('avg', 'subsample')
 
@@ -285,7 +286,7 @@ SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 
 
 def _cfg(num_classes: int, mean: Tuple[float, ...], std: Tuple[float, ...], **kwargs) -> Dict[str, Any]:
-    # No hf_hub_id / url until weights are published: timm.list_pretrained('sd_*') lists only real weights.
+    # Only configs with real weights get a file / hf_hub_id: timm.list_pretrained('sd_*') lists exactly those.
     return {
         'num_classes': num_classes, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
         'crop_pct': 1.0, 'crop_mode': 'center', 'interpolation': 'bilinear', 'mean': mean, 'std': std,
@@ -308,15 +309,37 @@ def _svhn_cfg(**kwargs) -> Dict[str, Any]:
     return _cfg(10, SVHN_MEAN, SVHN_STD, **kwargs)
 
 
+# Weights that ship inside the package, so that pretrained=True works offline right after installing:
+# sd_zoo/weights/<model>.<tag>/ holds the files `sd-zoo publish` stages for the Hub repo HUB_ORG/<model>.<tag>
+# (config.json, model.safetensors, README.md model card). timm loads the local file first (its `file`
+# source outranks `hf_hub_id`); the hub id says where the same files are published.
+HUB_ORG = 'sd-zoo'
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
+SHIPPED_WEIGHTS = ('sd_resnet20.cifar10',)
+
+
+def shipped_weights_dir(name: str) -> Path:
+    """The folder of weights shipped in the package for ``name`` (``model.tag``): a ``local-dir:`` source."""
+    if name not in SHIPPED_WEIGHTS:
+        raise ValueError(f'no weights ship with sd-zoo for {name!r}; shipped: {", ".join(SHIPPED_WEIGHTS)}')
+    return WEIGHTS_DIR / name
+
+
+def _weights(name: str) -> Dict[str, Any]:
+    if name not in SHIPPED_WEIGHTS:
+        return {}
+    return dict(file=str(WEIGHTS_DIR / name / 'model.safetensors'), hf_hub_id=f'{HUB_ORG}/{name}')
+
+
 _CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+_DATASET_CFGS = (('cifar10', _cifar10_cfg), ('cifar100', _cifar100_cfg), ('svhn', _svhn_cfg))
 
 default_cfgs = generate_default_cfgs({
-    **{f'sd_resnet{d}.{tag}': cfg() for d in _CIFAR_DEPTHS for tag, cfg in (
-        ('cifar10', _cifar10_cfg), ('cifar100', _cifar100_cfg), ('svhn', _svhn_cfg))},
+    **{f'sd_resnet{d}.{tag}': cfg(**_weights(f'sd_resnet{d}.{tag}')) for d in _CIFAR_DEPTHS
+       for tag, cfg in _DATASET_CFGS},
     # the paper's SVHN model: the first tag is the default one
-    'sd_resnet152_cifar.svhn': _svhn_cfg(),
-    'sd_resnet152_cifar.cifar10': _cifar10_cfg(),
-    'sd_resnet152_cifar.cifar100': _cifar100_cfg(),
+    **{f'sd_resnet152_cifar.{tag}': cfg(**_weights(f'sd_resnet152_cifar.{tag}')) for tag, cfg in (
+        _DATASET_CFGS[2], _DATASET_CFGS[0], _DATASET_CFGS[1])},
 })
 
 
