@@ -35,7 +35,8 @@ def _make_entrypoint(model_name: str):
         f'{(model_fn.__doc__ or model_name).strip()}\n\n'
         f'pretrained=False: ``timm.create_model({model_name!r}, **kwargs)`` after ``import sd_zoo``.\n'
         f'pretrained=True: the weights shipped in sd_zoo, or the Hub repo ``hub_id`` (ORG/NAME).\n'
-        f'Pretrained tags: {", ".join(_timm.models.get_arch_pretrained_cfgs(model_name)) or "none"}.')
+        f'Shipped weights: {", ".join(_timm.list_pretrained(model_name + ".*")) or "none"}; '
+        f'dataset tags: {", ".join(_timm.models.get_arch_pretrained_cfgs(model_name))}.')
     return entrypoint
 
 
