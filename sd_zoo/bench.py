@@ -57,8 +57,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--memory-steps', type=int, default=4, help='steps for peak memory (default: 4)')
     parser.add_argument('--compile', action='store_true', help='also compare compiled SD with compiled constant')
     parser.add_argument('--compile-steps', type=int, default=50, help='steps of the compile comparison')
-    parser.add_argument('--skip', nargs='*', default=[], choices=('ddp', 'eval', 'memory'),
+    parser.add_argument('--skip', nargs='*', default=[], choices=('train', 'ddp', 'eval', 'memory'),
                         help='parts to leave out')
+    g = parser.add_argument_group('data path (end-to-end epochs on real images; runs when a data set is given)')
+    g.add_argument('--data-dir', default=None, help='image folder with a train split (e.g. the CIFAR-10 folder)')
+    g.add_argument('--dataset', default='', help="'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn")
+    g.add_argument('--data-models', nargs='+', default=['sd_resnet20', 'sd_resnet110'], help='models to train')
+    g.add_argument('--data-images', type=int, default=2560, help='training images per measured epoch')
+    g.add_argument('--data-workers', type=int, default=2, help='timm loader workers (default: 2)')
+    g.add_argument('--data-step-repeats', type=int, default=8, help='fixed-batch steps for the step ratio')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... (default: auto)")
     parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
@@ -503,7 +510,16 @@ def run_benchmark(args) -> Dict[str, Any]:
             torch_threads=torch.get_num_threads(),
             gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
     )
-    results['train'] = bench_train(args, device)
+    if 'train' not in args.skip:
+        results['train'] = bench_train(args, device)
+    if args.data_dir or args.dataset:
+        from .bench_data import bench_data
+        from .data import DataSource
+        results['data'] = bench_data(
+            models=args.data_models, source=DataSource(dataset=args.dataset, root=args.data_dir),
+            images=args.data_images, batch_size=args.batch_size, drop_path=args.drop_path, workers=args.data_workers,
+            step_repeats=args.data_step_repeats, device=device, amp=args.amp, channels_last=args.channels_last,
+            seed=args.seed)
     if 'ddp' not in args.skip and args.ddp_world_size > 1:
         results['ddp'] = bench_ddp(args, device)
     if 'eval' not in args.skip:
@@ -516,6 +532,14 @@ def run_benchmark(args) -> Dict[str, Any]:
 
 
 def format_table(results: Dict[str, Any]) -> str:
+    lines = _format_train(results) if 'train' in results else [f"{results['environment']['device']}"]
+    if 'data' in results:
+        from .bench_data import format_data_table
+        lines += format_data_table(results['data'])
+    return '\n'.join(lines)
+
+
+def _format_train(results: Dict[str, Any]) -> List[str]:
     cfg, train = results['config'], results['train']
     lines = [
         f"{cfg['model']}, batch {cfg['batch_size']}, p_L {1 - cfg['drop_path']:g} {cfg['sd_rule']}, "
@@ -558,7 +582,7 @@ def format_table(results: Dict[str, Any]) -> str:
                   *[f"{n:<28}{s['median_s']:>10.4f}" for n, s in c['variants'].items()],
                   f"{'SD / constant (compiled)':<28}{c['ratio']:>10.3f}   ({c['distinct_gate_patterns']} gate "
                   f"patterns, {c['compiled_graphs']} graphs over {c['steps']} steps)"]
-    return '\n'.join(lines)
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .training import _Subset, _loader, _random_indices, _raw_dataset, evaluate, DATASET_CHOICES_HELP
+from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader
+from .engine import evaluate
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,9 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--subset', type=int, default=0, help='evaluate N random images only')
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('--loader', default='auto', choices=LOADERS,
+                   help='memory: decode the split once (cached) and evaluate from memory; timm: timm\'s DataLoader; '
+                        'auto (default): memory where it gives the same images')
     p.add_argument('--device', default=None)
     p.add_argument('--amp', action='store_true', default=False)
     p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
@@ -84,34 +88,39 @@ def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False)
                          ' (pass the matching --model / --num-classes)') from e
 
 
-def validate(args: argparse.Namespace) -> Dict[str, Any]:
+def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_ema: bool = False,
+             data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False,
+             split: str = 'validation', num_classes: Optional[int] = None, subset: int = 0, batch_size: int = 256,
+             workers: int = 4, loader: str = 'auto', device: Optional[str] = None, amp: bool = False,
+             amp_dtype: str = 'float16', channels_last: bool = False, results_file: str = '', seed: int = 42,
+             quiet: bool = False) -> Dict[str, Any]:
+    """Top-1 / top-5 / loss of ``model`` (a name, ``hf-hub:``, ``local-dir:``; with ``checkpoint``) on a split.
+
+    >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
+    """
     from timm.data import resolve_data_config
-    from timm.data import create_transform
-    if not args.dataset and not args.data_dir:
-        raise ValueError('no dataset: give --data-dir DIR or --dataset torch/cifar10 --dataset-download')
-    if args.data_dir and not args.dataset and not os.path.isdir(args.data_dir):
-        raise ValueError(f'--data-dir {args.data_dir!r} is not a folder')
-    if args.results_file and not args.results_file.endswith(('.json', '.csv')):
-        raise ValueError(f'--results-file {args.results_file!r} must end in .json or .csv')
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model = load_model(args.model, args.checkpoint, args.pretrained, args.num_classes, args.use_ema).to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config({}, model=model)
-    raw = _raw_dataset(_DataArgs(args), args.split, training=False)
-    ds = _Subset(raw, _random_indices(len(raw), args.subset, args.seed), create_transform(**data_config))
-    loader = _loader(ds, args.batch_size, _DataArgs(args), training=False, distributed=False)
+    source = DataSource(dataset=dataset, root=data_dir, download=dataset_download)
+    if results_file and not results_file.endswith(('.json', '.csv')):
+        raise ValueError(f'--results-file {results_file!r} must end in .json or .csv')
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    data_config = resolve_data_config({}, model=net)
+    data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,
+                                         loader=loader, subset=subset, seed=seed, workers=workers, device=dev)
     start = time.perf_counter()
-    metrics = evaluate(model, loader, device, _EvalArgs(args))
-    results = dict(model=args.model, checkpoint=args.checkpoint or None, split=args.split, images=len(ds),
+    metrics = evaluate(net, data, dev, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last)
+    results = dict(model=model, checkpoint=checkpoint or None, split=split, images=num_images,
                    top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
                    top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6),
-                   param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                   param_count=round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
                    img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                    interpolation=data_config['interpolation'], seconds=round(time.perf_counter() - start, 2))
-    print(json.dumps(results, indent=2))
-    if args.results_file:
-        write_results(args.results_file, results)
+    if not quiet:
+        print(json.dumps(results, indent=2))
+    if results_file:
+        write_results(results_file, results)
     return results
 
 
@@ -128,18 +137,5 @@ def write_results(path: str, results: Dict[str, Any]) -> None:
         raise ValueError(f'--results-file {path!r} must end in .json or .csv')
 
 
-class _DataArgs:
-    """The dataset/loader settings that training's helpers read, taken from validate's arguments."""
-
-    def __init__(self, args):
-        self.data_dir, self.dataset, self.dataset_download = args.data_dir, args.dataset, args.dataset_download
-        self.batch_size, self.seed, self.workers, self.pin_mem = args.batch_size, args.seed, args.workers, False
-
-
-class _EvalArgs:
-    def __init__(self, args):
-        self.amp, self.amp_dtype, self.channels_last = args.amp, args.amp_dtype, args.channels_last
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    return validate(build_validate_parser().parse_args(argv))
+    return validate(**vars(build_validate_parser().parse_args(argv)))

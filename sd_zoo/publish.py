@@ -147,11 +147,8 @@ _NON_RECIPE_ARGS = {'drop_path', 'experiment', 'output', 'resume', 'data_dir', '
 
 def _evaluate(model: str, checkpoint: str, data_dir: Optional[str], dataset: str, split: str) -> Dict[str, Any]:
     from .evaluation import validate
-    ns = argparse.Namespace(model=model, checkpoint=checkpoint, use_ema=False, pretrained=not checkpoint,
-                            data_dir=data_dir, dataset=dataset, dataset_download=False, split=split,
-                            num_classes=None, subset=0, batch_size=256, workers=2, device='cpu', amp=False,
-                            amp_dtype='float16', channels_last=False, results_file='', seed=42)
-    return validate(ns)
+    return validate(model, checkpoint=checkpoint, pretrained=not checkpoint, data_dir=data_dir, dataset=dataset,
+                    split=split, workers=2, device='cpu')
 
 
 def compare_with_baseline(source: Dict[str, Any], arch: str, baseline: str, which: str,

@@ -28,12 +28,11 @@ import torch.nn as nn
 import yaml
 from timm.utils import ParseKwargs
 
+from .engine import evaluate, train_one_epoch
+from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, set_loader_epoch
 from .stochastic_depth import compile_blocks, set_gate_seed, stochastic_blocks
 
 _logger = logging.getLogger('sd_zoo.train')
-
-DATASET_CHOICES_HELP = "'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn"
-
 
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -47,6 +46,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--test-split', default=None, help='evaluated at the best validation epoch (with --val-holdout'
                                                       ' it defaults to --val-split)')
     g.add_argument('--dataset-download', action='store_true', default=False, help='download torch/* datasets')
+    g.add_argument('--loader', default='auto', choices=LOADERS,
+                   help='memory: decode the data set once, hold it on the device and augment whole batches there; '
+                        'timm: timm\'s DataLoader with PIL transforms in workers; auto (default): memory where it '
+                        'gives the same images and the data fits')
     g.add_argument('--val-holdout', type=int, default=0, metavar='N',
                    help='hold N training images out as the validation set (the paper holds out 5000)')
     g.add_argument('--train-subset', type=int, default=0, metavar='N', help='train on N random images only')
@@ -161,214 +164,11 @@ def check_train_args(args: argparse.Namespace) -> None:
     if not args.dataset and not args.data_dir:
         raise ValueError('no dataset: give --data-dir DIR (an image folder with train/validation splits) or '
                          '--dataset torch/cifar10 --dataset-download')
-    if args.dataset and args.dataset not in ('torch/cifar10', 'torch/cifar100', 'torch/svhn'):
-        raise ValueError(f'unsupported --dataset {args.dataset!r}: use {DATASET_CHOICES_HELP}')
-    if args.data_dir and not args.dataset and not os.path.isdir(args.data_dir):
-        raise ValueError(f'--data-dir {args.data_dir!r} is not a folder')
     for name in ('batch_size', 'epochs', 'grad_accum_steps'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be at least 1')
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f'--resume {args.resume!r}: no such checkpoint file')
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-class _Subset(torch.utils.data.Dataset):
-    """A subset of a dataset with its own transform (the held-out split needs the eval transform)."""
-
-    def __init__(self, dataset, indices: Sequence[int], transform=None):
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        img, target = self.dataset[self.indices[i]]
-        return (self.transform(img) if self.transform is not None else img), target
-
-
-def _raw_dataset(args, split: str, training: bool):
-    """A dataset yielding PIL images and labels, via timm's create_dataset (torchvision for SVHN)."""
-    from timm.data import create_dataset
-    root = args.data_dir or os.path.join(os.path.expanduser('~'), '.cache', 'sd_zoo', 'data')
-    if args.dataset == 'torch/svhn':
-        from torchvision.datasets import SVHN
-        svhn_split = {'validation': 'test', 'val': 'test'}.get(split, split)
-        return SVHN(root, split=svhn_split, download=args.dataset_download)
-    try:
-        return create_dataset(args.dataset, root=root, split=split, is_training=training,
-                              download=args.dataset_download, batch_size=args.batch_size, seed=args.seed)
-    except (RuntimeError, FileNotFoundError) as e:
-        hint = ' (add --dataset-download)' if args.dataset and not args.dataset_download else ''
-        raise ValueError(f'cannot read the {split!r} split of {args.dataset or "the image folder"} under '
-                         f'{root!r}: {e}{hint}') from e
-
-
-def _random_indices(n: int, k: int, seed: int) -> List[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:k].tolist() if k and k < n else list(range(n))
-
-
-def build_transforms(args, data_config: Dict[str, Any]):
-    from timm.data import create_transform
-    from torchvision import transforms as T
-    eval_tf = create_transform(**data_config, is_training=False)
-    if args.cifar_aug and not args.no_aug:
-        if getattr(args, 'primary', True):
-            _logger.info('--cifar-aug: 4-pixel pad + random crop + flip; --scale/--ratio are for timm\'s transform '
-                         '(train.py) and are not used')
-        size = data_config['input_size'][-1]
-        train_tf = T.Compose([
-            T.RandomCrop(size, padding=4),
-            T.RandomHorizontalFlip(args.hflip),
-            T.ToTensor(),
-            T.Normalize(data_config['mean'], data_config['std']),
-        ])
-    else:
-        train_tf = create_transform(**data_config, is_training=True, no_aug=args.no_aug, hflip=args.hflip,
-                                    scale=tuple(args.scale), ratio=tuple(args.ratio))
-    return train_tf, eval_tf
-
-
-def build_datasets(args, data_config: Dict[str, Any]):
-    """Train, validation and (optional) test datasets with their transforms."""
-    train_tf, eval_tf = build_transforms(args, data_config)
-    train_raw = _raw_dataset(args, args.train_split, training=True)
-    n = len(train_raw)
-    if n == 0:
-        raise ValueError(f'the {args.train_split!r} split is empty')
-    order = _random_indices(n, n, args.seed)
-    test_split = args.test_split
-    if args.val_holdout:
-        if not 0 < args.val_holdout < n:
-            raise ValueError(f'--val-holdout {args.val_holdout} must be between 1 and {n - 1} (training set size)')
-        val_idx, train_idx = order[:args.val_holdout], order[args.val_holdout:]
-        val_ds = _Subset(train_raw, val_idx[:args.val_subset or None], eval_tf)
-        test_split = test_split or args.val_split
-    else:
-        train_idx = list(range(n))
-        val_ds = None
-        if args.val_split:
-            val_raw = _raw_dataset(args, args.val_split, training=False)
-            val_ds = _Subset(val_raw, _random_indices(len(val_raw), args.val_subset, args.seed), eval_tf)
-    if args.train_subset:
-        train_idx = [train_idx[i] for i in _random_indices(len(train_idx), args.train_subset, args.seed)]
-    train_ds = _Subset(train_raw, train_idx, train_tf)
-    test_ds = None
-    if test_split:
-        test_raw = _raw_dataset(args, test_split, training=False)
-        test_ds = _Subset(test_raw, _random_indices(len(test_raw), args.val_subset, args.seed), eval_tf)
-    return train_ds, val_ds, test_ds
-
-
-def _loader(ds, batch_size: int, args, training: bool, distributed: bool):
-    sampler = None
-    if training and distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True, seed=args.seed, drop_last=True)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler, drop_last=training,
-        num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=args.workers > 0)
-
-
-# ---------------------------------------------------------------------------------------------- loops
-
-
-def _autocast(args, device: torch.device):
-    if not args.amp:
-        return nullcontext()
-    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' or device.type == 'cpu' else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, args=None) -> 'OrderedDict[str, float]':
-    """Loss, top-1 and top-5 (in %) of ``model`` on ``loader``, as timm's validate reports them."""
-    from timm.utils import accuracy
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction='sum')
-    total, loss_sum, top1_sum, top5_sum = 0, 0.0, 0.0, 0.0
-    for images, target in loader:
-        images, target = images.to(device), target.to(device)
-        if args is not None and args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(args, device) if args is not None else nullcontext():
-            output = model(images)
-        output = output.float()
-        k = min(5, output.shape[-1])
-        acc1, acc5 = accuracy(output, target, topk=(1, k))
-        n = images.shape[0]
-        loss_sum += loss_fn(output, target).item()
-        top1_sum += acc1.item() * n
-        top5_sum += acc5.item() * n
-        total += n
-    if total == 0:
-        raise ValueError('the evaluation split is empty')
-    return OrderedDict(loss=loss_sum / total, top1=top1_sum / total, top5=top5_sum / total)
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0, leave=True)
-
-
-def train_one_epoch(epoch: int, task, model, loader, optimizer, lr_scheduler, loss_scaler, mixup_fn, device, args,
-                    num_updates_start: int) -> Dict[str, float]:
-    blocks = stochastic_blocks(model)
-    task.train()
-    losses, seen, active_sum, batches = 0.0, 0, 0, 0
-    num_updates = num_updates_start
-    steps = len(loader)
-    start = time.perf_counter()
-    bar = _progress(loader, steps, f'epoch {epoch}', args.primary and not args.no_progress)
-    optimizer.zero_grad()
-    for batch_idx, (images, target) in enumerate(bar):
-        images, target = images.to(device), target.to(device)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        last_accum = (batch_idx + 1) % args.grad_accum_steps == 0 or batch_idx + 1 == steps
-        sync = nullcontext() if last_accum else task.no_sync()
-        with sync:
-            with _autocast(args, device):
-                loss = task(images, target)['loss']
-            loss_for_backward = loss / args.grad_accum_steps
-            if loss_scaler is not None:
-                loss_scaler(loss_for_backward, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=task.get_clip_parameters(), need_update=last_accum)
-            else:
-                loss_for_backward.backward()
-                if last_accum:
-                    if args.clip_grad is not None:
-                        from timm.utils import dispatch_clip_grad
-                        dispatch_clip_grad(task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
-        if last_accum:
-            optimizer.zero_grad()
-            num_updates += 1
-            task.update_ema(step=num_updates)
-            if lr_scheduler is not None and args.sched_on_updates:
-                lr_scheduler.step_update(num_updates=num_updates)
-        n = images.shape[0]
-        losses += loss.item() * n
-        seen += n
-        batches += 1
-        active_sum += sum(b.last_gate for b in blocks)
-        if bar is not loader:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{losses / seen:.4f}', img_s=f'{seen * args.world_size / elapsed:.0f}',
-                            active=f'{active_sum / batches:.1f}/{len(blocks)}', refresh=False)
-        elif args.primary and args.log_interval and (batch_idx % args.log_interval == 0 or batch_idx + 1 == steps):
-            elapsed = time.perf_counter() - start
-            _logger.info(f'epoch {epoch} [{batch_idx + 1}/{steps}] loss {losses / seen:.4f} '
-                         f'{seen * args.world_size / elapsed:.0f} img/s, active {active_sum / batches:.2f}/{len(blocks)}')
-    wall = time.perf_counter() - start
-    return dict(loss=losses / max(seen, 1), wall_s=wall, images_per_s=seen * args.world_size / max(wall, 1e-9),
-                mean_active_blocks=active_sum / max(batches, 1), num_blocks=len(blocks), num_updates=num_updates)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -439,13 +239,20 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' \
         and device.type == 'cuda' else None
 
-    train_ds, val_ds, test_ds = build_datasets(args, data_config)
-    loader_train = _loader(train_ds, args.batch_size, args, True, args.distributed)
-    if len(loader_train) == 0:
-        raise ValueError(f'{len(train_ds)} training images make no full batch of {args.batch_size}')
-    eval_bs = args.validation_batch_size or args.batch_size
-    loader_val = _loader(val_ds, eval_bs, args, False, False) if val_ds is not None else None
-    loader_test = _loader(test_ds, eval_bs, args, False, False) if test_ds is not None else None
+    source = DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download)
+    aug = Augmentation(cifar_aug=args.cifar_aug, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale),
+                       ratio=tuple(args.ratio))
+    if args.cifar_aug and not args.no_aug and args.primary:
+        _logger.info('--cifar-aug: 4-pixel pad + random crop + flip; --scale/--ratio are for timm\'s transform '
+                     '(train.py) and are not used')
+    loaders = build_loaders(
+        source, data_config=data_config, train_split=args.train_split, val_split=args.val_split,
+        test_split=args.test_split or (args.val_split if args.val_holdout else None), batch_size=args.batch_size,
+        eval_batch_size=args.validation_batch_size or args.batch_size, aug=aug, loader=args.loader,
+        val_holdout=args.val_holdout, train_subset=args.train_subset, val_subset=args.val_subset,
+        workers=args.workers, pin_memory=args.pin_mem, seed=args.seed, rank=args.rank,
+        world_size=args.world_size, device=device)
+    loader_train, loader_val, loader_test = loaders.train, loaders.val, loaders.test
 
     start_epoch = 0
     output_dir = _output_dir(args)
@@ -495,24 +302,29 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             if 'saver' in meta:
                 saver.load_state_dict(meta['saver'])
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
-                     f'{len(train_ds)} train / {len(val_ds) if val_ds else 0} val / '
-                     f'{len(test_ds) if test_ds else 0} test images, epochs {start_epoch}..{num_epochs - 1}, '
+                     f'{loaders.counts["train"]} train / {loaders.counts.get("val", 0)} val / '
+                     f'{loaders.counts.get("test", 0)} test images ({loaders.kind} loader), epochs {start_epoch}..{num_epochs - 1}, '
                      f'output {output_dir}')
 
+    eval_kwargs = dict(amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     num_updates = start_epoch * updates_per_epoch
     eval_metrics = None
     for epoch in range(start_epoch, num_epochs):
-        if args.distributed:
-            loader_train.sampler.set_epoch(epoch)
-        stats = train_one_epoch(epoch, task, model, loader_train, optimizer, lr_scheduler, loss_scaler, mixup_fn,
-                                device, args, num_updates)
+        set_loader_epoch(loader_train, epoch)
+        stats = train_one_epoch(
+            task, loader_train, optimizer, epoch=epoch, device=device, num_updates=num_updates,
+            lr_scheduler=lr_scheduler if args.sched_on_updates else None, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
+            amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+            world_size=args.world_size, progress=args.primary and not args.no_progress,
+            log_interval=args.log_interval if args.primary else 0)
         num_updates = stats['num_updates']
         if args.distributed:
             distribute_bn(model, args.world_size, reduce=False)  # rank 0's BN statistics everywhere
-        eval_metrics = evaluate(model, loader_val, device, args) if loader_val is not None else None
+        eval_metrics = evaluate(model, loader_val, device, **eval_kwargs) if loader_val is not None else None
         if task.has_ema() and loader_val is not None:
-            ema_metrics = evaluate(task.get_eval_model(ema=True), loader_val, device, args)
+            ema_metrics = evaluate(task.get_eval_model(ema=True), loader_val, device, **eval_kwargs)
             eval_metrics = ema_metrics  # timm's train.py reports the EMA model when there is one
         lr = optimizer.param_groups[0]['lr']
         if lr_scheduler is not None:
@@ -538,7 +350,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         ckpt_key = 'state_dict_ema' if task.has_ema() else 'state_dict'
         timm.models.load_checkpoint(eval_model, best_path if os.path.exists(best_path)
                                     else os.path.join(output_dir, 'last.pth.tar'), use_ema=ckpt_key == 'state_dict_ema')
-        results['test'] = dict(evaluate(eval_model, loader_test, device, args), epoch=best_epoch,
+        results['test'] = dict(evaluate(eval_model, loader_test, device, **eval_kwargs), epoch=best_epoch,
                                split=args.test_split or args.val_split)
         _logger.info(f'test at the best validation epoch ({best_epoch}): top1 {results["test"]["top1"]:.2f}, '
                      f'error {100 - results["test"]["top1"]:.2f}%')

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # hubconf.py and an uninstalled checkout
+# decoded data sets (the in-memory loader's cache) go under the checkout's git-ignored .cache, not ~/.cache
+os.environ.setdefault('SD_ZOO_CACHE', str(ROOT / '.cache' / 'sd_zoo'))
 
 import sd_zoo  # noqa: E402,F401  registers the models
 

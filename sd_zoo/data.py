@@ -1,0 +1,506 @@
+"""Data: dataset sources and splits (checked, never guessed), the paper's augmentation, and two loaders.
+
+* timm's loader (``loader='timm'``): PIL images decoded and transformed in DataLoader workers; any timm
+  transform, any image size, any data set size.
+* the in-memory loader (``loader='memory'``, :class:`TensorLoader`): a small data set (CIFAR, SVHN, a folder
+  of same-sized images) decoded once into a uint8 tensor, cached on disk under the user's cache folder,
+  held on the training device, and augmented (the paper's pad + crop + flip) and normalized there a whole
+  batch at a time. Loader workers decoding JPEGs on the cores that train is time that stochastic depth
+  cannot save; this path removes it.
+
+``loader='auto'`` takes the in-memory path where it gives the same images as timm's (the augmentation is
+the paper's or none, the images are the model's input size) and the data fits in memory, else timm's.
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger('sd_zoo.data')
+
+TORCH_DATASETS = ('torch/cifar10', 'torch/cifar100', 'torch/svhn')
+DATASET_CHOICES_HELP = "'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn"
+LOADERS = ('auto', 'memory', 'timm')
+_TEST_SYNONYMS = ('test', 'validation', 'val', 'eval', 'evaluation')
+MAX_DECODED_BYTES = 8 << 30  # the in-memory loader takes data sets up to this size (decoded uint8)
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images come from: an image folder (``dataset=''``, split folders under ``root``) or a
+    torchvision data set (``torch/cifar10``, ``torch/cifar100``, ``torch/svhn``) stored under ``root``."""
+    dataset: str = ''
+    root: Optional[str] = None
+    download: bool = False
+
+    def __post_init__(self):
+        if self.dataset and self.dataset not in TORCH_DATASETS:
+            raise ValueError(f'unsupported dataset {self.dataset!r}: use {DATASET_CHOICES_HELP}')
+        if not self.dataset and not self.root:
+            raise ValueError('no dataset: give --data-dir DIR (an image folder with one folder per split) or '
+                             '--dataset torch/cifar10 --dataset-download')
+        if not self.dataset and not os.path.isdir(self.root):
+            raise ValueError(f'--data-dir {self.root!r} is not a folder')
+
+    @property
+    def data_root(self) -> str:
+        return self.root or os.path.join(os.path.expanduser('~'), '.cache', 'sd_zoo', 'data')
+
+    def describe(self, split: str) -> str:
+        return f'{self.dataset or "image folder"} {self.data_root!r}, split {split!r}'
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def split_folder(source: DataSource, split: str) -> str:
+    """The folder of ``split`` in an image-folder data set; a missing split is an error, never the root."""
+    folder = os.path.join(source.root, split)
+    if not split or not os.path.isdir(folder):
+        present = sorted(d for d in os.listdir(source.root)
+                         if os.path.isdir(os.path.join(source.root, d)) and not d.startswith('.'))
+        raise ValueError(f'split {split!r} not found: {source.root!r} has no folder {split!r} '
+                         f'(its folders: {", ".join(present) or "none"})')
+    return folder
+
+
+def _torch_split_is_train(source: DataSource, split: str) -> bool:
+    if split == 'train':
+        return True
+    if split in _TEST_SYNONYMS:
+        return False
+    raise ValueError(f'{source.dataset} has the splits train and test, not {split!r}')
+
+
+def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
+    """A data set of (PIL image, label) pairs, with a ``classes`` list. timm's ImageDataset reads folders
+    (so labels are timm's: class folders in natural sort order); torchvision reads CIFAR and SVHN."""
+    try:
+        if not source.dataset:
+            from timm.data import ImageDataset
+            ds = ImageDataset(split_folder(source, split))
+            ds.classes = list(ds.reader.class_to_idx)
+            return ds
+        train = _torch_split_is_train(source, split)
+        from torchvision import datasets
+        os.makedirs(source.data_root, exist_ok=True) if source.download else None
+        if source.dataset == 'torch/svhn':
+            ds = datasets.SVHN(source.data_root, split='train' if train else 'test', download=source.download)
+            ds.classes = [str(i) for i in range(10)]
+            return ds
+        cls = datasets.CIFAR10 if source.dataset == 'torch/cifar10' else datasets.CIFAR100
+        return cls(source.data_root, train=train, download=source.download)
+    except (RuntimeError, FileNotFoundError) as e:
+        hint = ' (add --dataset-download)' if source.dataset and not source.download else ''
+        raise ValueError(f'cannot read {source.describe(split)}: {str(e).splitlines()[0]}{hint}') from e
+
+
+def check_same_classes(reference: Sequence[str], other: Sequence[str], what: str) -> None:
+    """Labels are class indices: two splits must have the same classes in the same order."""
+    if list(reference) != list(other):
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
+        detail = '; '.join(s for s in (f'missing {missing}' if missing else '', f'extra {extra}' if extra else '')
+                           if s) or 'same names in another order'
+        raise ValueError(f'the classes of {what} differ from the training split\'s ({detail}): labels would not '
+                         f'match')
+
+
+def random_indices(n: int, k: int, seed: int) -> List[int]:
+    """``k`` distinct indices of ``n`` (all of them, in order, when ``k`` is 0 or at least ``n``)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].tolist() if k and k < n else list(range(n))
+
+
+class Subset(torch.utils.data.Dataset):
+    """A subset of a data set with its own transform (a held-out split needs the eval transform)."""
+
+    def __init__(self, dataset, indices: Sequence[int], transform=None):
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, target = self.dataset[self.indices[i]]
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+# ---------------------------------------------------------------------------------------------- timm's loader
+
+
+def build_transforms(data_config: Dict[str, Any], *, cifar_aug: bool = False, no_aug: bool = False,
+                     hflip: float = 0.5, scale: Sequence[float] = (0.08, 1.0),
+                     ratio: Sequence[float] = (3. / 4., 4. / 3.)):
+    """Train and eval transforms: timm's, or the paper's pad + crop + flip with ``cifar_aug``."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+    eval_tf = create_transform(**data_config, is_training=False)
+    if cifar_aug and not no_aug:
+        train_tf = T.Compose([
+            T.RandomCrop(data_config['input_size'][-1], padding=4),
+            T.RandomHorizontalFlip(hflip),
+            T.ToTensor(),
+            T.Normalize(data_config['mean'], data_config['std']),
+        ])
+    else:
+        train_tf = create_transform(**data_config, is_training=True, no_aug=no_aug, hflip=hflip,
+                                    scale=tuple(scale), ratio=tuple(ratio))
+    return train_tf, eval_tf
+
+
+def timm_loader(ds, *, batch_size: int, training: bool, workers: int = 4, pin_memory: bool = False,
+                seed: int = 0, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader; in training with several ranks each takes its shard (DistributedSampler)."""
+    sampler = None
+    if training and world_size > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler, drop_last=training,
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Each epoch's order (and augmentation, in memory) comes from (seed, epoch): resume continues it."""
+    if isinstance(loader, TensorLoader):
+        loader.set_epoch(epoch)
+    elif getattr(loader, 'sampler', None) is not None and hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+@dataclass
+class DecodedImages:
+    """A whole split as tensors: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: List[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, indices: Sequence[int]) -> 'DecodedImages':
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return DecodedImages(self.images[idx], self.labels[idx], self.classes)
+
+    def to(self, device) -> 'DecodedImages':
+        return DecodedImages(self.images.to(device), self.labels.to(device), self.classes)
+
+
+def cache_dir() -> str:
+    """Where decoded splits are cached: $SD_ZOO_CACHE, else $XDG_CACHE_HOME/sd_zoo, else ~/.cache/sd_zoo."""
+    root = os.environ.get('SD_ZOO_CACHE') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'sd_zoo')
+    return os.path.join(root, 'decoded')
+
+
+def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence[str]) -> str:
+    """A key that changes when any file is added, removed, renamed, relabelled or modified."""
+    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, list(classes)]).encode())
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f'{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:32]
+
+
+def _decode_file(path: str):
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as img:
+        return np.asarray(img.convert('RGB'))
+
+
+def _decode_folder(ds, max_bytes: int, workers: int) -> DecodedImages:
+    import numpy as np
+    samples = ds.reader.samples
+    first = _decode_file(samples[0][0])
+    need = len(samples) * first.size
+    if need > max_bytes:
+        raise ValueError(f'{len(samples)} images of {first.shape[1]}x{first.shape[0]} take {need / 2**30:.1f} GiB '
+                         f'decoded, over the in-memory limit of {max_bytes / 2**30:.1f} GiB: use --loader timm')
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        arrays = list(pool.map(_decode_file, (p for p, _ in samples), chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        sizes = ', '.join(f'{s[1]}x{s[0]}' for s in sorted(shapes)[:3])
+        raise ValueError(f'the images have different sizes ({sizes}, ...): the in-memory loader needs one size; '
+                         f'use --loader timm')
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([t for _, t in samples], dtype=torch.long)
+    return DecodedImages(images, labels, list(ds.classes))
+
+
+def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED_BYTES,
+                 workers: int = 2, use_cache: bool = True) -> DecodedImages:
+    """A split decoded to uint8 tensors. Folders are decoded once and cached (safetensors, keyed by the file
+    list with sizes and modification times, so a changed folder is decoded again); torchvision's CIFAR and
+    SVHN are arrays already."""
+    ds = read_split(source, split)
+    if source.dataset:
+        data = torch.as_tensor(ds.data)
+        images = data if source.dataset == 'torch/svhn' else data.permute(0, 3, 1, 2)
+        labels = torch.as_tensor(ds.labels if source.dataset == 'torch/svhn' else ds.targets, dtype=torch.long)
+        return DecodedImages(images.contiguous(), labels, list(ds.classes))
+    from safetensors.torch import load_file, save_file
+    key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes)
+    path = os.path.join(cache_dir(), f'{key}.safetensors')
+    if use_cache and os.path.isfile(path):
+        try:
+            tensors = load_file(path)
+            _logger.info(f'{source.describe(split)}: decoded images from the cache {path}')
+            return DecodedImages(tensors['images'], tensors['labels'], list(ds.classes))
+        except Exception as e:  # a damaged cache file is decoded again, never trusted
+            _logger.warning(f'ignoring the damaged cache file {path} ({type(e).__name__}); decoding again')
+    _logger.info(f'{source.describe(split)}: decoding {len(ds)} images once into memory')
+    decoded = _decode_folder(ds, max_bytes, workers)
+    if use_cache:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f'{path}.{os.getpid()}.tmp'
+        save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
+                  metadata={'root': os.path.abspath(ds.reader.root), 'classes': json.dumps(decoded.classes)})
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return decoded
+
+
+def in_memory_reason(*, data_config: Dict[str, Any], training_aug: str) -> Optional[str]:
+    """Why the in-memory loader cannot give what timm's transforms give (None when it can).
+    ``training_aug``: 'cifar' (pad + crop + flip), 'none', or 'timm' (RandomResizedCrop and friends)."""
+    if training_aug == 'timm':
+        return ('timm\'s RandomResizedCrop augmentation runs on timm\'s loader only (the in-memory loader does the '
+                'paper\'s --cifar-aug, or --no-aug)')
+    size = data_config['input_size'][-1]
+    if data_config['input_size'][-2] != size or math.floor(size / data_config.get('crop_pct', 1.0)) != size:
+        return f'the eval transform resizes (input {data_config["input_size"]}, crop_pct {data_config["crop_pct"]})'
+    return None
+
+
+def check_image_size(data: DecodedImages, data_config: Dict[str, Any]) -> None:
+    h, w = data.images.shape[-2:]
+    want = tuple(data_config['input_size'][-2:])
+    if (h, w) != want:
+        raise ValueError(f'the images are {w}x{h} but the model takes {want[1]}x{want[0]}: the in-memory loader '
+                         f'does not resize; use --loader timm')
+    if data.images.shape[1] != data_config['input_size'][0]:
+        raise ValueError(f'the images have {data.images.shape[1]} channels but the model takes '
+                         f'{data_config["input_size"][0]}')
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (SplitMix64-style), so (seed, epoch, rank) streams differ."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class TensorLoader:
+    """Batches of a decoded split, on ``device``, normalized like timm's ToTensor + Normalize.
+
+    Training: each epoch a permutation from (seed, epoch), sharded over ranks like DistributedSampler
+    (drop_last), full batches only; per sample a random crop of the image padded by ``pad`` zero pixels and a
+    horizontal flip with probability ``hflip``, drawn from (seed, epoch, rank). So a resumed run sees exactly
+    the batches the uninterrupted run would. Evaluation: every image in order, no augmentation.
+    """
+
+    def __init__(self, data: DecodedImages, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, training: bool, pad: int = 4, hflip: float = 0.5, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.data = data.to(device)
+        self.batch_size, self.training, self.pad, self.hflip = batch_size, training, pad, hflip
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        channels = data.images.shape[1]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        self.dataset = data  # DataLoader-like: len(loader.dataset) is the number of images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.data)
+        if not self.training:
+            return torch.arange(n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        per_rank = n // self.world_size
+        return perm[:per_rank * self.world_size][self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self.data) // self.world_size if self.training else len(self.data)
+        return n // self.batch_size if self.training else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        device = self.data.images.device
+        indices = self._indices()
+        n = len(self) * self.batch_size if self.training else len(indices)
+        indices = indices[:n]
+        if self.training:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank, 1))
+            offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+            flips = torch.rand(n, generator=g) < self.hflip
+        for start in range(0, n, self.batch_size):
+            idx = indices[start:start + self.batch_size].to(device)
+            images = self.data.images[idx]
+            if self.training:
+                sl = slice(start, start + self.batch_size)
+                images = crop_and_flip(images, offsets[sl].to(device), flips[sl].to(device), self.pad)
+            yield self.normalize(images), self.data.labels[idx]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        # the same float operations as torchvision's ToTensor + Normalize, so the values are identical
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per sample: zero-pad by ``pad``, crop the original size at ``offsets`` (dy, dx), flip where ``flips``.
+    One gather for the whole batch, on the batch's device."""
+    b, c, h, w = images.shape
+    if pad:
+        images = F.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    rows = offsets[:, 0:1] + torch.arange(h, device=dev)
+    cols_fwd = torch.arange(w, device=dev)
+    cols = offsets[:, 1:2] + torch.where(flips[:, None], w - 1 - cols_fwd, cols_fwd)
+    return images[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# ---------------------------------------------------------------------------------------------- both paths
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: the paper's pad + crop + flip (``cifar_aug``), none, or timm's transform."""
+    cifar_aug: bool = False
+    no_aug: bool = False
+    hflip: float = 0.5
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3. / 4., 4. / 3.)
+
+    @property
+    def kind(self) -> str:
+        return 'none' if self.no_aug else 'cifar' if self.cifar_aug else 'timm'
+
+
+@dataclass
+class Loaders:
+    """The loaders of one run; ``kind`` is 'memory' or 'timm'; the counts are images per split."""
+    train: Any
+    val: Any
+    test: Any
+    kind: str
+    counts: Dict[str, int]
+
+
+def choose_loader(loader: str, *, data_config: Dict[str, Any], aug: Augmentation) -> str:
+    """'memory' or 'timm' for ``loader`` ('auto', 'memory', 'timm'); an explicit 'memory' that cannot give
+    timm's images is an error that says why."""
+    if loader not in LOADERS:
+        raise ValueError(f'unknown loader {loader!r}: use {", ".join(LOADERS)}')
+    if loader == 'timm':
+        return 'timm'
+    reason = in_memory_reason(data_config=data_config, training_aug=aug.kind)
+    if reason is None:
+        return 'memory'
+    if loader == 'memory':
+        raise ValueError(f'--loader memory: {reason}; use --loader timm')
+    _logger.info(f'timm\'s loader: {reason}')
+    return 'timm'
+
+
+def _split_parts(n: int, *, val_holdout: int, train_subset: int, val_subset: int, seed: int):
+    order = random_indices(n, n, seed)
+    if val_holdout and not 0 < val_holdout < n:
+        raise ValueError(f'--val-holdout {val_holdout} must be between 1 and {n - 1} (training set size)')
+    val_idx, train_idx = (order[:val_holdout][:val_subset or None], order[val_holdout:]) if val_holdout \
+        else (None, list(range(n)))
+    if train_subset:
+        train_idx = [train_idx[i] for i in random_indices(len(train_idx), train_subset, seed)]
+    return train_idx, val_idx
+
+
+def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_split: str, val_split: Optional[str],
+                  test_split: Optional[str], batch_size: int, eval_batch_size: int, aug: Augmentation,
+                  loader: str = 'auto', val_holdout: int = 0, train_subset: int = 0, val_subset: int = 0,
+                  workers: int = 4, pin_memory: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  device: torch.device = torch.device('cpu')) -> Loaders:
+    """Train, validation (``val_holdout`` training images, else ``val_split``) and test loaders. Every split
+    must exist and have the training split's classes."""
+    kind = choose_loader(loader, data_config=data_config, aug=aug)
+    if kind == 'memory':
+        train_all = decode_split(source, train_split, workers=workers)
+        check_image_size(train_all, data_config)
+        read = lambda split: _checked(decode_split(source, split, workers=workers), train_all.classes, split)  # noqa
+        subset = lambda data, idx: data.subset(idx)  # noqa: E731
+        n = len(train_all)
+    else:
+        train_tf, eval_tf = build_transforms(data_config, cifar_aug=aug.cifar_aug, no_aug=aug.no_aug,
+                                             hflip=aug.hflip, scale=aug.scale, ratio=aug.ratio)
+        train_all = read_split(source, train_split)
+        read = lambda split: _checked(read_split(source, split), train_all.classes, split)  # noqa: E731
+        subset = lambda data, idx: Subset(data, idx, eval_tf)  # noqa: E731
+        n = len(train_all)
+    if n == 0:
+        raise ValueError(f'the {train_split!r} split is empty')
+    train_idx, val_idx = _split_parts(n, val_holdout=val_holdout, train_subset=train_subset,
+                                      val_subset=val_subset, seed=seed)
+    parts = dict(train=None, val=None, test=None)
+    if val_idx is not None:
+        parts['val'] = subset(train_all, val_idx)
+    elif val_split:
+        val_all = read(val_split)
+        parts['val'] = subset(val_all, random_indices(len(val_all), val_subset, seed))
+    if test_split:
+        test_all = read(test_split)
+        parts['test'] = subset(test_all, random_indices(len(test_all), val_subset, seed))
+    counts = {name: len(ds) for name, ds in parts.items() if ds is not None}
+    counts['train'] = len(train_idx)
+    if kind == 'memory':
+        make = lambda data, training: TensorLoader(  # noqa: E731
+            data, batch_size=batch_size if training else eval_batch_size, mean=data_config['mean'],
+            std=data_config['std'], device=device, training=training, pad=4 if aug.kind == 'cifar' else 0,
+            hflip=aug.hflip if aug.kind == 'cifar' else 0.0, seed=seed, rank=rank, world_size=world_size)
+        train = make(train_all.subset(train_idx), True)
+    else:
+        make = lambda ds, training: timm_loader(  # noqa: E731
+            ds, batch_size=batch_size if training else eval_batch_size, training=training, workers=workers,
+            pin_memory=pin_memory, seed=seed, rank=rank, world_size=world_size)
+        train = make(Subset(train_all, train_idx, train_tf), True)
+    val = make(parts['val'], False) if parts['val'] is not None else None
+    test = make(parts['test'], False) if parts['test'] is not None else None
+    if len(train) == 0:
+        raise ValueError(f'{counts["train"]} training images make no full batch of {batch_size} per rank')
+    return Loaders(train=train, val=val, test=test, kind=kind, counts=counts)
+
+
+def _checked(data, train_classes: Sequence[str], split: str):
+    check_same_classes(train_classes, data.classes, f'split {split!r}')
+    return data
+
+
+def build_eval_loader(source: DataSource, split: str, *, data_config: Dict[str, Any], batch_size: int,
+                      loader: str = 'auto', subset: int = 0, seed: int = 0, workers: int = 4,
+                      device: torch.device = torch.device('cpu')):
+    """One split for evaluation (``sd-zoo validate``), either path; returns (loader, number of images)."""
+    kind = choose_loader(loader, data_config=data_config, aug=Augmentation(no_aug=True))
+    if kind == 'memory':
+        data = decode_split(source, split, workers=workers)
+        check_image_size(data, data_config)
+        data = data.subset(random_indices(len(data), subset, seed))
+        return TensorLoader(data, batch_size=batch_size, mean=data_config['mean'], std=data_config['std'],
+                            device=device, training=False), len(data)
+    _, eval_tf = build_transforms(data_config)
+    raw = read_split(source, split)
+    ds = Subset(raw, random_indices(len(raw), subset, seed), eval_tf)
+    return timm_loader(ds, batch_size=batch_size, training=False, workers=workers), len(ds)

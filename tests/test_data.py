@@ -1,0 +1,204 @@
+"""The data path: splits read safely, the in-memory loader (decode once, cache, augment on the device)
+against timm's PIL path, sharding and resume."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_zoo import data as sd_data
+from sd_zoo.data import Augmentation, DataSource, TensorLoader, build_eval_loader, build_loaders, decode_split
+
+CIFAR_CFG = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.4914, 0.4822, 0.4465),
+                 std=(0.247, 0.2435, 0.2616), crop_pct=1.0, crop_mode='center')
+
+
+def _image_folder(root: Path, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=8):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f'{i}.png')
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+    return tmp_path / 'cache' / 'decoded'
+
+
+def test_decode_matches_timm_reader_and_is_cached(tmp_path, cache, monkeypatch):
+    root = _image_folder(tmp_path / 'data')
+    source = DataSource(root=str(root))
+    decoded = decode_split(source, 'train')
+    ds = sd_data.read_split(source, 'train')
+    assert decoded.images.shape == (12, 3, 8, 8) and decoded.images.dtype == torch.uint8
+    assert decoded.classes == ['cat', 'dog', 'frog']
+    for i in range(len(ds)):  # same order, pixels and labels as timm's ImageDataset
+        img, label = ds[i]
+        assert torch.equal(decoded.images[i], torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+        assert decoded.labels[i].item() == label
+    files = list(cache.glob('*.safetensors'))
+    assert len(files) == 1
+
+    def no_decoding(*a, **k):
+        raise AssertionError('decoded again although the folder did not change')
+    monkeypatch.setattr(sd_data, '_decode_folder', no_decoding)
+    again = decode_split(source, 'train')
+    assert torch.equal(again.images, decoded.images) and torch.equal(again.labels, decoded.labels)
+    monkeypatch.undo()
+    monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+
+    # a changed file is noticed: new key, decoded again, new pixels
+    changed = root / 'train' / 'dog' / '0.png'
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 10 ** 18))
+    fresh = decode_split(source, 'train')
+    assert len(list(cache.glob('*.safetensors'))) == 2
+    idx = [i for i, (p, _) in enumerate(ds.reader.samples) if p.endswith(os.path.join('dog', '0.png'))][0]
+    assert fresh.images[idx].sum() == 0 and not torch.equal(fresh.images, decoded.images)
+    # a damaged cache file is decoded again, not trusted
+    for f in cache.glob('*.safetensors'):
+        f.write_bytes(b'garbage')
+    assert torch.equal(decode_split(source, 'train').images, fresh.images)
+
+
+def test_folder_errors(tmp_path, cache):
+    root = _image_folder(tmp_path / 'data')
+    source = DataSource(root=str(root))
+    with pytest.raises(ValueError, match=r"split 'validation' not found.*its folders: test, train"):
+        sd_data.read_split(source, 'validation')
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(root / 'train' / 'cat' / 'odd.png')
+    with pytest.raises(ValueError, match='different sizes.*--loader timm'):
+        decode_split(source, 'train')
+    with pytest.raises(ValueError, match='over the in-memory limit'):
+        decode_split(source, 'test', max_bytes=100)
+    with pytest.raises(ValueError, match='not a folder'):
+        DataSource(root=str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='unsupported dataset'):
+        DataSource(dataset='torch/imagenet')
+    with pytest.raises(ValueError, match="train and test, not 'valid'"):
+        sd_data.read_split(DataSource(dataset='torch/cifar10', root=str(tmp_path)), 'valid')
+
+
+@pytest.mark.parametrize('loader', ['memory', 'timm'])
+def test_split_with_other_classes_is_an_error(tmp_path, cache, loader):
+    root = _image_folder(tmp_path / 'data', splits=('train',))
+    _image_folder(root, splits=('test',), classes=('cat', 'dog'))
+    cfg = dict(CIFAR_CFG, input_size=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"classes of split 'test' differ.*missing \['frog'\]"):
+        build_loaders(DataSource(root=str(root)), data_config=cfg, train_split='train', val_split='test',
+                      test_split=None, batch_size=4, eval_batch_size=4, aug=Augmentation(cifar_aug=True),
+                      loader=loader, workers=0)
+
+
+def test_crop_and_flip_is_torchvision_pad_crop_flip():
+    import torchvision.transforms.functional as TF
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    offsets = torch.randint(0, 9, (16, 2), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    out = sd_data.crop_and_flip(images, offsets, flips, pad=4)
+    for i in range(16):
+        dy, dx = offsets[i].tolist()
+        ref = TF.pad(images[i], [4])[:, dy:dy + 32, dx:dx + 32]
+        assert torch.equal(out[i], ref.flip(-1) if flips[i] else ref)
+
+
+def _loader(decoded, **kw):
+    kw = dict(dict(batch_size=8, mean=CIFAR_CFG['mean'], std=CIFAR_CFG['std'], device=torch.device('cpu'),
+                   training=True, seed=3), **kw)
+    return TensorLoader(decoded, **kw)
+
+
+def _fake(n=40):
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return sd_data.DecodedImages(images, torch.arange(n), [str(i) for i in range(n)])
+
+
+def test_tensor_loader_epochs_shards_and_resume():
+    data = _fake(41)
+    a, b = _loader(data), _loader(data)
+    a.set_epoch(5)
+    b.set_epoch(5)
+    batches = list(a)
+    assert len(batches) == len(a) == 5 and all(x.shape == (8, 3, 32, 32) for x, _ in batches)
+    for (xa, ya), (xb, yb) in zip(batches, b):  # the same (seed, epoch): the same batches, so resume is exact
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    b.set_epoch(6)
+    assert not torch.equal(torch.cat([y for _, y in b]), torch.cat([y for _, y in batches]))
+    labels = torch.cat([y for _, y in batches])
+    assert len(set(labels.tolist())) == 40  # a permutation: no image twice in an epoch
+    # two ranks: disjoint shards of the same permutation, like DistributedSampler(drop_last=True)
+    shards = []
+    for rank in (0, 1):
+        r = _loader(data, rank=rank, world_size=2, batch_size=4)
+        r.set_epoch(5)
+        shards.append(torch.cat([y for _, y in r]))
+        assert len(r) == 5
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+def test_tensor_loader_augments_each_sample_independently():
+    data = _fake(64)
+    loader = _loader(data, batch_size=64)
+    x, y = next(iter(loader))
+    found = []
+    for i in range(64):  # which (dy, dx, flip) produced sample i
+        orig = data.images[y[i]:y[i] + 1]
+        for dy in range(9):
+            for dx in range(9):
+                for flip in (False, True):
+                    cand = sd_data.crop_and_flip(orig, torch.tensor([[dy, dx]]), torch.tensor([flip]), 4)
+                    if torch.equal(loader.normalize(cand)[0], x[i]):
+                        found.append((dy, dx, flip))
+        assert len(found) == i + 1, f'sample {i} is no pad-crop-flip of its image'
+    assert len(set(found)) > 30  # per sample, not one draw for the whole batch
+    assert 16 < sum(f for _, _, f in found) < 48
+
+
+def test_eval_loader_equals_timm_transform(cifar10_dir, cache):
+    source = DataSource(root=str(cifar10_dir))
+    mem, n = build_eval_loader(source, 'test', data_config=CIFAR_CFG, batch_size=100, loader='memory', subset=300,
+                               seed=7, workers=2)
+    pil, n2 = build_eval_loader(source, 'test', data_config=CIFAR_CFG, batch_size=100, loader='timm', subset=300,
+                                seed=7, workers=0)
+    assert n == n2 == 300
+    for (xm, ym), (xp, yp) in zip(mem, pil):
+        assert torch.equal(ym, yp) and torch.equal(xm, xp)  # bit-identical inputs
+
+
+@pytest.mark.slow
+def test_validate_same_results_on_both_loaders(cifar10_dir, cache):
+    import sd_zoo
+    kw = dict(pretrained=True, data_dir=str(cifar10_dir), split='test', subset=1000, workers=0, quiet=True)
+    mem = sd_zoo.evaluation.validate('sd_resnet20.cifar10', loader='memory', **kw)
+    pil = sd_zoo.evaluation.validate('sd_resnet20.cifar10', loader='timm', **kw)
+    for key in ('images', 'top1', 'top5', 'loss'):
+        assert mem[key] == pil[key], key
+
+
+def test_holdout_is_disjoint_and_sized():
+    train_idx, val_idx = sd_data._split_parts(1000, val_holdout=100, train_subset=0, val_subset=0, seed=4)
+    assert len(val_idx) == 100 and len(train_idx) == 900
+    assert not set(val_idx) & set(train_idx) and set(val_idx) | set(train_idx) == set(range(1000))
+    sub, val = sd_data._split_parts(1000, val_holdout=100, train_subset=50, val_subset=20, seed=4)
+    assert len(sub) == 50 and set(sub) <= set(train_idx) and val == val_idx[:20]
+    with pytest.raises(ValueError, match='--val-holdout 1000 must be between 1 and 999'):
+        sd_data._split_parts(1000, val_holdout=1000, train_subset=0, val_subset=0, seed=4)
+
+
+def test_loader_choice():
+    assert sd_data.choose_loader('auto', data_config=CIFAR_CFG, aug=Augmentation(cifar_aug=True)) == 'memory'
+    assert sd_data.choose_loader('auto', data_config=CIFAR_CFG, aug=Augmentation()) == 'timm'
+    assert sd_data.choose_loader('timm', data_config=CIFAR_CFG, aug=Augmentation(cifar_aug=True)) == 'timm'
+    with pytest.raises(ValueError, match='RandomResizedCrop.*--loader timm'):
+        sd_data.choose_loader('memory', data_config=CIFAR_CFG, aug=Augmentation())
+    imagenet = dict(CIFAR_CFG, input_size=(3, 224, 224), crop_pct=0.875)
+    with pytest.raises(ValueError, match='eval transform resizes'):
+        sd_data.choose_loader('memory', data_config=imagenet, aug=Augmentation(no_aug=True))
