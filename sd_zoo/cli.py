@@ -3,7 +3,8 @@
     sd-zoo bench ...      stochastic depth's training-time saving, measured (sd_zoo.bench)
     sd-zoo train ...      train with timm's library, timm train.py flag names (sd_zoo.training)
     sd-zoo validate ...   top-1/top-5/loss on a dataset split (sd_zoo.evaluation)
-    sd-zoo publish ...    a run or checkpoint to the Hugging Face Hub (sd_zoo.publish)
+    sd-zoo publish ...    a run or checkpoint to the Hugging Face Hub (sd_zoo.publishing)
+    sd-zoo recipes        the training recipes that ship with sd-zoo (sd_zoo.recipes)
 """
 import argparse
 import sys
@@ -13,7 +14,8 @@ COMMANDS = {
     'bench': ('sd_zoo.bench', 'measure the training-time saving of stochastic depth'),
     'train': ('sd_zoo.training', 'train a model with timm\'s library (train.py flag names, --config YAML)'),
     'validate': ('sd_zoo.evaluation', 'evaluate a model, checkpoint, hf-hub: or local-dir: on a dataset split'),
-    'publish': ('sd_zoo.publish', 'stage a training run as a Hub repository and push it in one commit'),
+    'publish': ('sd_zoo.publishing', 'stage a training run as a Hub repository and push it in one commit'),
+    'recipes': ('sd_zoo.recipes', 'list the training recipes that ship with sd-zoo (--path NAME: its file)'),
 }
 
 

@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader
-from .engine import evaluate
+from .engine import default_device, evaluate
+from .loading import load_model
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -43,51 +44,6 @@ def build_validate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_classes: Optional[int] = None,
-               use_ema: bool = False) -> torch.nn.Module:
-    """A model from a name, a name and a checkpoint, ``hf-hub:`` or ``local-dir:``, in eval mode."""
-    import timm
-    import sd_zoo  # noqa: F401
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise ValueError(f'checkpoint {checkpoint!r} does not exist')
-    hub = name.startswith(('hf-hub:', 'local-dir:'))
-    arch = name.split('.')[0]
-    if not hub and arch not in timm.list_models():
-        raise ValueError(f'unknown model {name!r}: sd-zoo models are {", ".join(timm.list_models("sd_*"))}')
-    if hub:
-        from .hub import load_published
-        model = load_published(name, num_classes=num_classes)
-        if checkpoint:
-            load_weights(model, checkpoint, use_ema=use_ema)
-        return model.eval()
-    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if checkpoint:
-        load_weights(model, checkpoint, use_ema=use_ema)
-    return model.eval()
-
-
-def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False) -> None:
-    """timm's load_checkpoint, with a clear ValueError for a file that is not weights for this model."""
-    import timm
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f'checkpoint {checkpoint!r} does not exist')
-    try:
-        state_dict = timm.models.load_state_dict(checkpoint, use_ema=use_ema)
-    except Exception as e:  # torch.load / safetensors raise many types for a file that is not a checkpoint
-        raise ValueError(f'{checkpoint!r} is not a timm checkpoint or safetensors file '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f'{checkpoint!r} holds no model state_dict')
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise ValueError(f'the weights in {checkpoint!r} do not fit {type(model).__name__} '
-                         f'({model.pretrained_cfg.get("architecture", "")}, {model.num_classes} classes): '
-                         f'{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}'
-                         ' (pass the matching --model / --num-classes)') from e
-
-
 def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_ema: bool = False,
              data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False,
              split: str = 'validation', num_classes: Optional[int] = None, subset: int = 0, batch_size: int = 256,
@@ -102,7 +58,7 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     source = DataSource(dataset=dataset, root=data_dir, download=dataset_download)
     if results_file and not results_file.endswith(('.json', '.csv')):
         raise ValueError(f'--results-file {results_file!r} must end in .json or .csv')
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dev = default_device(device)
     net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
     if channels_last:
         net.to(memory_format=torch.channels_last)

@@ -13,24 +13,26 @@ between this command and timm's scripts. What sd-zoo adds for the paper's recipe
 * resume continues the gate sequence where it stopped.
 """
 import argparse
-import csv
 import json
 import logging
 import math
 import os
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import yaml
 from timm.utils import ParseKwargs
 
-from .engine import evaluate, train_one_epoch
 from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, set_loader_epoch
-from .stochastic_depth import compile_blocks, set_gate_seed, stochastic_blocks
+from .engine import default_device, evaluate, train_one_epoch
+from .loading import check_model_name, load_weights
+from .recipes import resolve_recipe
+from .runs import Run, append_epoch_row, build_run_model
+from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
 
@@ -132,7 +134,8 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse flags, with ``--config`` YAML values as defaults. Unsupported keys are an error, never ignored."""
+    """Parse flags, with ``--config`` YAML values (a recipe name or a file) as defaults. Unsupported keys are
+    an error, never ignored."""
     parser = build_train_parser()
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
@@ -142,33 +145,62 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     return parser.parse_args(remaining)
 
 
+def make_train_args(config: str = '', **options) -> argparse.Namespace:
+    """The arguments of a Python ``train()`` call: flag defaults, then the recipe, then ``options``."""
+    parser = build_train_parser()
+    values = vars(parser.parse_args([]))
+    if config:
+        values.update(load_config(config, parser), config=config)
+    unknown = sorted(k for k in options if k not in values)
+    if unknown:
+        raise ValueError(f'train() has no option {", ".join(unknown)} (options are sd-zoo train\'s flags with _)')
+    values.update(options)
+    return argparse.Namespace(**values)
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A YAML value as the flag would parse it (``epochs: 1.5`` is an error, not a crash later)."""
+    if value is None or action.type is None or isinstance(action, argparse._StoreConstAction):
+        return value
+    values = value if isinstance(value, list) else [value]
+    if action.nargs in (None, '?') and isinstance(value, list):
+        raise ValueError(f'config file {path!r}: {key} takes one value, not a list')
+    try:
+        out = []
+        for v in values:
+            if action.type in (int, float) and isinstance(v, (bool, str)) or (action.type is int and v != int(v)):
+                raise ValueError(v)
+            out.append(action.type(v))
+    except (TypeError, ValueError):
+        raise ValueError(f'config file {path!r}: {key} must be {action.type.__name__}, got {value!r}') from None
+    return out if isinstance(value, list) else out[0]
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f'config file {path!r} does not exist')
+    path = resolve_recipe(path)
     with open(path) as f:
         try:
             cfg = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f'config file {path!r} is not valid YAML: {e}') from e
+            raise ValueError(f'config file {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
     if not isinstance(cfg, dict):
         raise ValueError(f'config file {path!r} must be a mapping of train.py flag names to values')
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in cfg if k not in known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in cfg if k not in actions)
     if unknown:
         raise ValueError(f'config file {path!r} has keys that sd-zoo train does not support: {", ".join(unknown)}'
                          f' (keys are train.py flag names with - as _; see sd-zoo train --help)')
-    return cfg
+    return {k: _coerce(actions[k], k, v, path) for k, v in cfg.items()}
 
 
 def check_train_args(args: argparse.Namespace) -> None:
-    if not args.dataset and not args.data_dir:
-        raise ValueError('no dataset: give --data-dir DIR (an image folder with train/validation splits) or '
-                         '--dataset torch/cifar10 --dataset-download')
     for name in ('batch_size', 'epochs', 'grad_accum_steps'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be at least 1')
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f'--resume {args.resume!r}: no such checkpoint file')
+    if not args.model.startswith(('hf-hub:', 'local-dir:')):
+        check_model_name(args.model)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -181,40 +213,30 @@ def _output_dir(args) -> str:
     return os.path.join(args.output or os.path.join('.', 'output', 'train'), name)
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train as ``args`` (from ``parse_train_args``) says; returns the final results."""
-    import importlib
+def model_kwargs_of(args) -> Dict[str, Any]:
+    """timm.create_model keyword arguments of a run: --drop / --drop-path and --model-kwargs, which must
+    not contradict each other."""
+    kwargs = dict(args.model_kwargs or {})
+    for flag, key, value in (('--drop', 'drop_rate', args.drop), ('--drop-path', 'drop_path_rate', args.drop_path)):
+        if value is None:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f'{flag} {value} and --model-kwargs {key}={kwargs[key]} disagree: give one')
+        kwargs[key] = value
+    return kwargs
 
+
+def build_model(args, device: torch.device):
+    """The model of the run (a tagged name takes its classes, mean/std and input size from the tag's config),
+    on ``device``, with the resolved data config."""
     import timm
-    from timm.data import Mixup, resolve_data_config
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.task import ClassificationTask
-    from timm.task._helpers import resume_task_checkpoint
-    from timm.utils import CheckpointSaver, NativeScaler, distribute_bn, init_distributed_device, random_seed, \
-        setup_default_logging, update_summary
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-    check_train_args(args)
-    for module in args.device_modules or []:
-        importlib.import_module(module)
-    import sd_zoo  # noqa: F401  the sd models, whatever device_modules says
-
-    setup_default_logging()
-    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    device = init_distributed_device(args)
-    args.primary = args.rank == 0
-    random_seed(args.seed, args.rank)
-    if args.model not in timm.list_models() and not args.model.startswith(('hf-hub:', 'local-dir:')):
-        raise ValueError(f'unknown model {args.model!r}: sd-zoo models are {", ".join(timm.list_models("sd_*"))}')
-
-    model_kwargs = dict(args.model_kwargs)
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
-        drop_path_rate=args.drop_path, global_pool=args.gp, in_chans=args.in_chans, **model_kwargs)
+    from timm.data import resolve_data_config
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                                  global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(args))
+    except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
+        raise ValueError(f'{args.model} does not take these arguments ({e})') from e
     if args.initial_checkpoint:
-        from .evaluation import load_weights
         load_weights(model, args.initial_checkpoint)
     if args.num_classes is None:
         args.num_classes = model.num_classes
@@ -224,63 +246,113 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    return model, data_config
 
-    mixup_active = args.mixup > 0 or args.cutmix > 0
-    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                     num_classes=args.num_classes) if mixup_active else None
-    if mixup_active:
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-    task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' \
-        and device.type == 'cuda' else None
 
+def _losses_and_mixup(args):
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if args.mixup > 0 or args.cutmix > 0:
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                     num_classes=args.num_classes), SoftTargetCrossEntropy()
+    if args.smoothing:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def _build_loaders(args, data_config, device):
     source = DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download)
     aug = Augmentation(cifar_aug=args.cifar_aug, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale),
                        ratio=tuple(args.ratio))
-    if args.cifar_aug and not args.no_aug and args.primary:
+    if aug.kind == 'cifar' and args.primary:
         _logger.info('--cifar-aug: 4-pixel pad + random crop + flip; --scale/--ratio are for timm\'s transform '
                      '(train.py) and are not used')
-    loaders = build_loaders(
+    return build_loaders(
         source, data_config=data_config, train_split=args.train_split, val_split=args.val_split,
         test_split=args.test_split or (args.val_split if args.val_holdout else None), batch_size=args.batch_size,
         eval_batch_size=args.validation_batch_size or args.batch_size, aug=aug, loader=args.loader,
         val_holdout=args.val_holdout, train_subset=args.train_subset, val_subset=args.val_subset,
         workers=args.workers, pin_memory=args.pin_mem, seed=args.seed, rank=args.rank,
         world_size=args.world_size, device=device)
-    loader_train, loader_val, loader_test = loaders.train, loaders.val, loaders.test
 
-    start_epoch = 0
-    output_dir = _output_dir(args)
-    if args.resume:
-        try:
-            start_epoch = resume_task_checkpoint(
-                task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
-                log_info=args.primary) or 0
-        except Exception as e:  # a foreign or damaged file: say which, and that nothing was written
-            raise ValueError(f'cannot resume from {args.resume!r} ({type(e).__name__}: '
-                             f'{str(e).splitlines()[0] if str(e) else ""}); it must be a checkpoint of this model '
-                             f'and optimizer (last.pth.tar of the run)') from e
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+
+def _resume(args, task, optimizer, loss_scaler) -> int:
+    """Model, optimizer, EMA and loss-scaler state from --resume; returns the first epoch to run."""
+    from timm.task._helpers import resume_task_checkpoint
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    try:
+        start_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
+            log_info=args.primary) or 0
+    except Exception as e:  # a foreign or damaged file: say which, and that nothing was written
+        raise ValueError(f'cannot resume from {args.resume!r} ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:200] if str(e) else ""}); it must be a checkpoint of this model '
+                         f'and optimizer (last.pth.tar of the run)') from e
+    if task.has_ema():
+        ckpt = load_checkpoint_metadata(args.resume)
+        if 'state_dict_ema' in ckpt:
+            task.get_trainable_module(ema=True).module.load_state_dict(ckpt['state_dict_ema'])
+    return start_epoch
+
+
+def _make_saver(args, output_dir: str, model, optimizer, loss_scaler, task):
+    from timm.utils import CheckpointSaver
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ('primary',)}, f)
+    saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                            checkpoint_dir=output_dir, recovery_dir=output_dir,
+                            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
+    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+        meta = load_checkpoint_metadata(args.resume)
+        if 'saver' in meta:
+            saver.load_state_dict(meta['saver'])
+    return saver
+
+
+def _setup(args) -> torch.device:
+    import importlib
+    from timm.utils import init_distributed_device, random_seed, setup_default_logging
+    check_train_args(args)
+    for module in args.device_modules or []:
+        importlib.import_module(module)
+    setup_default_logging()
+    args.device = str(default_device(args.device))
+    device = init_distributed_device(args)
+    args.primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+    return device
+
+
+def run_training(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train as ``args`` (from ``parse_train_args`` or ``make_train_args``) says; returns the final results."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.task import ClassificationTask
+    from timm.utils import NativeScaler, distribute_bn, update_summary
+
+    device = _setup(args)
+    model, data_config = build_model(args, device)
+    mixup_fn, train_loss_fn = _losses_and_mixup(args)
+    task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' \
+        and device.type == 'cuda' else None
+    loaders = _build_loaders(args, data_config, device)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay)
-        if args.resume:
-            ckpt = load_checkpoint_metadata(args.resume)
-            if 'state_dict_ema' in ckpt:
-                task.get_trainable_module(ema=True).module.load_state_dict(ckpt['state_dict_ema'])
+    start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
     if args.torchcompile:
         compile_blocks(model, backend=args.torchcompile)
     if args.distributed:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
 
-    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
+    updates_per_epoch = math.ceil(len(loaders.train) / args.grad_accum_steps)
     # gates continue from where an interrupted run stopped, identically on every rank
-    set_gate_seed(model, int(model_kwargs.get('sd_seed', 0)), step=start_epoch * len(loader_train))
+    set_gate_seed(model, int(model_kwargs_of(args).get('sd_seed', 0)), step=start_epoch * len(loaders.train))
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
     if start_epoch > 0:
@@ -289,31 +361,22 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         else:
             lr_scheduler.step(start_epoch)
 
-    saver = None
+    output_dir = _output_dir(args)
+    saver = _make_saver(args, output_dir, model, optimizer, loss_scaler, task) if args.primary else None
     if args.primary:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ('primary',)}, f)
-        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-                                checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            meta = load_checkpoint_metadata(args.resume)
-            if 'saver' in meta:
-                saver.load_state_dict(meta['saver'])
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                      f'{loaders.counts["train"]} train / {loaders.counts.get("val", 0)} val / '
-                     f'{loaders.counts.get("test", 0)} test images ({loaders.kind} loader), epochs {start_epoch}..{num_epochs - 1}, '
-                     f'output {output_dir}')
+                     f'{loaders.counts.get("test", 0)} test images ({loaders.kind} loader), '
+                     f'epochs {start_epoch}..{num_epochs - 1}, output {output_dir}')
 
     eval_kwargs = dict(amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     num_updates = start_epoch * updates_per_epoch
     eval_metrics = None
     for epoch in range(start_epoch, num_epochs):
-        set_loader_epoch(loader_train, epoch)
+        set_loader_epoch(loaders.train, epoch)
         stats = train_one_epoch(
-            task, loader_train, optimizer, epoch=epoch, device=device, num_updates=num_updates,
+            task, loaders.train, optimizer, epoch=epoch, device=device, num_updates=num_updates,
             lr_scheduler=lr_scheduler if args.sched_on_updates else None, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
             amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -322,36 +385,24 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         num_updates = stats['num_updates']
         if args.distributed:
             distribute_bn(model, args.world_size, reduce=False)  # rank 0's BN statistics everywhere
-        eval_metrics = evaluate(model, loader_val, device, **eval_kwargs) if loader_val is not None else None
-        if task.has_ema() and loader_val is not None:
-            ema_metrics = evaluate(task.get_eval_model(ema=True), loader_val, device, **eval_kwargs)
-            eval_metrics = ema_metrics  # timm's train.py reports the EMA model when there is one
+        if loaders.val is not None:
+            # timm's train.py reports the EMA model when there is one
+            eval_metrics = evaluate(task.get_eval_model(ema=task.has_ema()), loaders.val, device, **eval_kwargs)
         lr = optimizer.param_groups[0]['lr']
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+        lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.primary:
             update_summary(epoch, OrderedDict(loss=stats['loss']), eval_metrics,
                            filename=os.path.join(output_dir, 'summary.csv'), lr=lr)
-            _append_epoch_log(os.path.join(output_dir, 'epochs.csv'), epoch, stats, eval_metrics)
-            msg = f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["wall_s"]:.1f} s, ' \
-                  f'{stats["images_per_s"]:.0f} img/s, {stats["mean_active_blocks"]:.2f}/{stats["num_blocks"]} blocks'
-            if eval_metrics:
-                msg += f', val top1 {eval_metrics["top1"]:.2f} loss {eval_metrics["loss"]:.4f}'
-            _logger.info(msg)
-            metric = eval_metrics[args.eval_metric] if eval_metrics else None
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+            append_epoch_row(os.path.join(output_dir, 'epochs.csv'), epoch, stats, eval_metrics)
+            _log_epoch(epoch, stats, eval_metrics)
+            best_metric, best_epoch = saver.save_checkpoint(
+                epoch, metric=eval_metrics[args.eval_metric] if eval_metrics else None)
     results: Dict[str, Any] = dict(model=args.model, output_dir=output_dir, epochs=num_epochs,
                                    best_epoch=best_epoch, best_metric=best_metric, eval_metric=args.eval_metric,
                                    last_eval=dict(eval_metrics) if eval_metrics else None)
-    if args.primary and loader_test is not None:
-        best_path = os.path.join(output_dir, 'model_best.pth.tar')
-        eval_model = timm.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans,
-                                       **model_kwargs).to(device)
-        ckpt_key = 'state_dict_ema' if task.has_ema() else 'state_dict'
-        timm.models.load_checkpoint(eval_model, best_path if os.path.exists(best_path)
-                                    else os.path.join(output_dir, 'last.pth.tar'), use_ema=ckpt_key == 'state_dict_ema')
-        results['test'] = dict(evaluate(eval_model, loader_test, device, **eval_kwargs), epoch=best_epoch,
-                               split=args.test_split or args.val_split)
+    if args.primary and loaders.test is not None:
+        results['test'] = _test_at_best_epoch(args, output_dir, task.has_ema(), loaders.test, device, eval_kwargs)
+        results['test']['epoch'] = best_epoch
         _logger.info(f'test at the best validation epoch ({best_epoch}): top1 {results["test"]["top1"]:.2f}, '
                      f'error {100 - results["test"]["top1"]:.2f}%')
     if args.primary:
@@ -362,17 +413,31 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def _append_epoch_log(path: str, epoch: int, stats: Dict[str, float], eval_metrics) -> None:
-    row = OrderedDict(epoch=epoch, wall_s=round(stats['wall_s'], 3), images_per_s=round(stats['images_per_s'], 1),
-                      mean_active_blocks=round(stats['mean_active_blocks'], 3), num_blocks=stats['num_blocks'],
-                      train_loss=stats['loss'], eval_top1=eval_metrics['top1'] if eval_metrics else '')
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics) -> None:
+    msg = f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["wall_s"]:.1f} s, ' \
+          f'{stats["images_per_s"]:.0f} img/s, {stats["mean_active_blocks"]:.2f}/{stats["num_blocks"]} blocks'
+    if eval_metrics:
+        msg += f', val top1 {eval_metrics["top1"]:.2f} loss {eval_metrics["loss"]:.4f}'
+    _logger.info(msg)
+
+
+def _test_at_best_epoch(args, output_dir: str, use_ema: bool, loader, device, eval_kwargs) -> Dict[str, Any]:
+    """The test split evaluated on the best validation epoch's weights (the paper's protocol)."""
+    best = os.path.join(output_dir, 'model_best.pth.tar')
+    checkpoint = best if os.path.exists(best) else os.path.join(output_dir, 'last.pth.tar')
+    run = Run(checkpoint=Path(checkpoint), run_dir=Path(output_dir), args=vars(args))
+    model = build_run_model(run, use_ema=use_ema).to(device)
+    return dict(evaluate(model, loader, device, **eval_kwargs), split=args.test_split or args.val_split)
+
+
+def train(config: str = '', **options) -> Dict[str, Any]:
+    """Train a model from Python: ``config`` is a recipe name or YAML file, ``options`` are sd-zoo train's
+    flags with ``_`` (they override the recipe). Returns the results (also in OUTPUT/results.json).
+
+    >>> sd_zoo.train('cifar10_resnet20_sd', dataset='', data_dir='data/cifar10', epochs=1)
+    """
+    return run_training(make_train_args(config, **options))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    return train(parse_train_args(argv))
+    return run_training(parse_train_args(argv))

@@ -41,7 +41,7 @@ def test_decode_matches_timm_reader_and_is_cached(tmp_path, cache, monkeypatch):
     assert decoded.classes == ['cat', 'dog', 'frog']
     for i in range(len(ds)):  # same order, pixels and labels as timm's ImageDataset
         img, label = ds[i]
-        assert torch.equal(decoded.images[i], torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+        assert torch.equal(decoded.images[i], torch.from_numpy(np.array(img)).permute(2, 0, 1))
         assert decoded.labels[i].item() == label
     files = list(cache.glob('*.safetensors'))
     assert len(files) == 1
@@ -177,8 +177,8 @@ def test_eval_loader_equals_timm_transform(cifar10_dir, cache):
 def test_validate_same_results_on_both_loaders(cifar10_dir, cache):
     import sd_zoo
     kw = dict(pretrained=True, data_dir=str(cifar10_dir), split='test', subset=1000, workers=0, quiet=True)
-    mem = sd_zoo.evaluation.validate('sd_resnet20.cifar10', loader='memory', **kw)
-    pil = sd_zoo.evaluation.validate('sd_resnet20.cifar10', loader='timm', **kw)
+    mem = sd_zoo.validate('sd_resnet20.cifar10', loader='memory', **kw)
+    pil = sd_zoo.validate('sd_resnet20.cifar10', loader='timm', **kw)
     for key in ('images', 'top1', 'top5', 'loss'):
         assert mem[key] == pil[key], key
 

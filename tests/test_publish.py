@@ -11,9 +11,9 @@ import torch
 
 from hub_server import start_hub
 from sd_zoo.cli import main
-from sd_zoo.evaluation import load_model
+from sd_zoo.loading import load_model
 from sd_zoo.hub import load_published
-from sd_zoo.publish import main as publish_main
+from sd_zoo.publishing import main as publish_main
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = 'sdzoo/tiny-sd-resnet20'
@@ -177,29 +177,29 @@ def test_bad_published_files_get_clear_errors(trained_run, tmp_path):
     data = (truncated / 'model.safetensors').read_bytes()
     (truncated / 'model.safetensors').write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match='corrupt or truncated'):
-        load_published(str(truncated))
+        load_published("local-dir:" + str(truncated))
     corrupt = variant('corrupt')
     (corrupt / 'model.safetensors').write_bytes(b'\x00' * 64)
     with pytest.raises(ValueError, match='corrupt or truncated'):
-        load_published(str(corrupt))
+        load_published("local-dir:" + str(corrupt))
 
     unknown = variant('unknown')
     cfg = json.loads((unknown / 'config.json').read_text())
     cfg['architecture'] = 'no_such_net'
     (unknown / 'config.json').write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="'no_such_net', which no installed package registers"):
-        load_published(str(unknown))
+        load_published("local-dir:" + str(unknown))
 
     with pytest.raises(ValueError, match='10-class weights, not 100'):
-        load_published(str(staged), num_classes=100)
+        load_published("local-dir:" + str(staged), num_classes=100)
     with pytest.raises(ValueError, match="'sd_resnet20' weights, not 'sd_resnet110'"):
-        load_published(str(staged), model_name='sd_resnet110')
+        load_published("local-dir:" + str(staged), model_name='sd_resnet110')
 
     pickled = variant('pickled')
-    torch.save(load_published(str(staged)).state_dict(), pickled / 'pytorch_model.bin')
+    torch.save(load_published("local-dir:" + str(staged)).state_dict(), pickled / 'pytorch_model.bin')
     (pickled / 'model.safetensors').unlink()
     with pytest.raises(ValueError, match='only pickle weights'):
-        load_published(str(pickled))
+        load_published("local-dir:" + str(pickled))
 
     junk = tmp_path / 'junk.pth.tar'
     junk.write_bytes(b'this is no checkpoint')

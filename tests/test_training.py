@@ -15,7 +15,7 @@ import yaml
 from sd_zoo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / 'scripts' / 'recipes'
+RECIPES = ROOT / 'sd_zoo' / 'recipes'
 SMALL = ['--model', 'sd_resnet20', '--cifar-aug', '--train-split', 'train', '--val-split', 'test',
          '--train-subset', '512', '--val-subset', '256', '-b', '64', '-j', '0', '--no-progress',
          '--lr', '0.1', '--sched', 'multistep', '--decay-milestones', '100']

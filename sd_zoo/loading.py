@@ -1,0 +1,219 @@
+"""Loading models and weights: names (tagged or not), checkpoints, Hub repositories and local folders.
+
+One place for the rules the commands share:
+
+* a model name is a registered architecture or ``arch.tag`` (timm's pretrained tags, e.g.
+  ``sd_resnet20.cifar100``: its config sets num_classes, mean/std and input size); anything else is a one-line
+  error that lists the choices;
+* ``hf-hub:ORG/NAME`` (or a bare ``ORG/NAME`` given to :func:`load_published`) always means the Hub, never a
+  folder that happens to have that name; local folders are ``local-dir:PATH``;
+* weights are safetensors or timm checkpoints read with ``weights_only=True``: nothing is ever unpickled;
+* a file that is not weights for the model, a corrupt download, a class-count or architecture mismatch, and an
+  unreachable Hub are each named as such.
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ['check_model_name', 'load_model', 'load_weights', 'load_published', 'read_state_dict',
+           'shape_kwargs_from_weights']
+
+WEIGHTS_NAME = 'model.safetensors'
+PICKLE_NAMES = ('pytorch_model.bin', 'model.pth', 'model.pt')
+HUB_PREFIX, LOCAL_PREFIX = 'hf-hub:', 'local-dir:'
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a registered architecture or ``arch.tag``; else a ValueError naming the choices."""
+    import timm
+    from timm.models import get_arch_name, is_model
+    import sd_zoo  # noqa: F401  the sd models, whoever calls
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'a model name is needed, got {name!r}')
+    arch = get_arch_name(name)
+    if not is_model(arch):
+        raise ValueError(f'unknown model {name!r}: sd-zoo models are {", ".join(timm.list_models("sd_*"))}')
+    if arch != name:
+        tags = timm.list_models(f'{arch}.*', include_tags=True)
+        if name not in tags:
+            raise ValueError(f'unknown tag in {name!r}: {arch} has {", ".join(tags) or "no tags"}')
+    return name
+
+
+def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model weights in a safetensors file or a timm checkpoint (``weights_only``: nothing unpickled)."""
+    import timm
+    if not os.path.isfile(path):
+        raise ValueError(f'checkpoint {path!r} does not exist')
+    try:
+        state_dict = timm.models.load_state_dict(path, use_ema=use_ema, weights_only=True)
+    except Exception as e:  # torch.load / safetensors raise many types for a file that is not a checkpoint
+        first = str(e).splitlines()[0] if str(e) else ''
+        raise ValueError(f'{path!r} is not a timm checkpoint or safetensors file ({type(e).__name__}: '
+                         f'{first[:200]})') from e
+    if not isinstance(state_dict, dict) or not state_dict or \
+            not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(f'{path!r} holds no model state_dict')
+    return state_dict
+
+
+def shape_kwargs_from_weights(arch: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """num_classes and in_chans as the weights have them (the classifier's rows, the first conv's inputs),
+    so a checkpoint rebuilds its own model whatever its head or input channels."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(arch)
+    out = {}
+    classifier = state_dict.get(f'{cfg.classifier}.weight') if cfg and cfg.classifier else None
+    if classifier is not None:
+        out['num_classes'] = int(classifier.shape[0])
+    first_conv = state_dict.get(f'{cfg.first_conv}.weight') if cfg and cfg.first_conv else None
+    if first_conv is not None and first_conv.dim() == 4:
+        out['in_chans'] = int(first_conv.shape[1])
+    return out
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False) -> None:
+    """Load ``checkpoint`` into ``model`` strictly, with a ValueError that says why it does not fit."""
+    state_dict = read_state_dict(checkpoint, use_ema=use_ema)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ValueError(f'the weights in {checkpoint!r} do not fit {model.pretrained_cfg.get("architecture", "")} '
+                         f'with {model.num_classes} classes: {lines[1].strip() if len(lines) > 1 else e} '
+                         f'(pass the matching model name)') from e
+
+
+def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_classes: Optional[int] = None,
+               use_ema: bool = False) -> torch.nn.Module:
+    """A model in eval mode from a name (``checkpoint`` optional; its head and input channels are taken from
+    the weights), ``hf-hub:ORG/NAME`` or ``local-dir:PATH``."""
+    import timm
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise ValueError(f'checkpoint {checkpoint!r} does not exist')
+    if name.startswith((HUB_PREFIX, LOCAL_PREFIX)):
+        model = load_published(name, num_classes=num_classes)
+        if checkpoint:
+            load_weights(model, checkpoint, use_ema=use_ema)
+        return model.eval()
+    check_model_name(name)
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    if checkpoint:
+        state_dict = read_state_dict(checkpoint, use_ema=use_ema)
+        kwargs = dict(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict), **kwargs)
+    model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint, use_ema=use_ema)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- Hub / folders
+
+
+def parse_source(source: str) -> Tuple[str, str]:
+    """('hub', repo_id) or ('local', folder). ``local-dir:`` names a folder; anything else is a Hub repo id,
+    even if a folder of that name exists here."""
+    if source.startswith(LOCAL_PREFIX):
+        folder = source[len(LOCAL_PREFIX):]
+        if not os.path.isdir(folder):
+            raise ValueError(f'{source!r}: {folder!r} is not a folder')
+        return 'local', folder
+    repo_id = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        hint = f' (for the folder, write local-dir:{repo_id})' if os.path.isdir(repo_id) else ''
+        raise ValueError(f'{repo_id!r} is not a Hub repository id ORG/NAME{hint}') from e
+    return 'hub', repo_id
+
+
+def _fetch(kind: str, where: str, filename: str, revision: Optional[str]) -> Optional[str]:
+    """Local path of ``filename`` in a folder or a Hub repo; None when the repository has no such file."""
+    if kind == 'local':
+        path = os.path.join(where, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    try:
+        return hf_hub_download(where, filename, revision=revision, library_name='sd-zoo')
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first
+        raise ValueError(f'the Hub is unreachable and {where!r} {filename} is not in the cache (offline or no '
+                         f'network: {str(e).splitlines()[0][:160]})') from e
+    except EntryNotFoundError:
+        return None
+    except RepositoryNotFoundError as e:
+        raise ValueError(f'{where!r}: no such Hub repository (or it is private: log in with a token)') from e
+    except RevisionNotFoundError as e:
+        raise ValueError(f'{where!r}: no revision {revision!r}') from e
+    except HfHubHTTPError as e:
+        raise ValueError(f'{where!r}: the Hub answered an error ({str(e).splitlines()[0][:160]})') from e
+
+
+def _read_config(kind: str, where: str, revision: Optional[str]) -> Dict[str, Any]:
+    path = _fetch(kind, where, 'config.json', revision)
+    if path is None:
+        raise ValueError(f'{where!r} has no config.json: it is not a timm model repository')
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f'{where!r}: config.json is not JSON ({e})') from e
+    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+        raise ValueError(f'{where!r}: config.json is not a timm model config (no "architecture")')
+    if not isinstance(config.get('model_args') or {}, dict):
+        raise ValueError(f'{where!r}: config.json\'s model_args is not a mapping')
+    return config
+
+
+def _read_published_weights(kind: str, where: str, revision: Optional[str]) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    weights = _fetch(kind, where, WEIGHTS_NAME, revision)
+    if weights is None:
+        pickled = [n for n in PICKLE_NAMES if _fetch(kind, where, n, revision)]
+        reason = f'only pickle weights ({", ".join(pickled)}), which sd-zoo does not load' if pickled else \
+            f'no {WEIGHTS_NAME}'
+        raise ValueError(f'{where!r} has {reason}: publish safetensors weights (sd-zoo publish)')
+    try:
+        return load_file(weights)
+    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
+        raise ValueError(f'{where!r}: {WEIGHTS_NAME} is corrupt or truncated ({type(e).__name__}: {e}); '
+                         f'delete it from the cache (hf cache delete) and download it again') from e
+
+
+def load_published(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
+                   revision: Optional[str] = None, **kwargs) -> torch.nn.Module:
+    """An sd-zoo model with published weights: a Hub repo id (``ORG/NAME`` or ``hf-hub:ORG/NAME``) or a
+    folder (``local-dir:PATH``). ``model_name`` and ``num_classes``, when given, must match the weights."""
+    import timm
+    import sd_zoo  # noqa: F401  registers the architectures
+    kind, where = parse_source(source)
+    config = _read_config(kind, where, revision)
+    arch = config['architecture']
+    if not timm.models.is_model(arch):
+        raise ValueError(f'{where!r}: config.json names the architecture {arch!r}, which no installed package '
+                         f'registers (sd-zoo has {", ".join(timm.list_models("sd_*"))})')
+    if model_name is not None and timm.models.get_arch_name(model_name) != arch:
+        raise ValueError(f'{where!r} holds {arch!r} weights, not {model_name!r}')
+    state_dict = _read_published_weights(kind, where, revision)
+    model_args = dict(config.get('model_args') or {})
+    weights_classes = config.get('num_classes', model_args.get('num_classes'))
+    if num_classes is not None and weights_classes is not None and num_classes != weights_classes:
+        raise ValueError(f'{where!r} has {weights_classes}-class weights, not {num_classes}: load them as they '
+                         f'are and call model.reset_classifier({num_classes}) to fine-tune')
+    model_args.update(kwargs)
+    pretrained_cfg = dict(config.get('pretrained_cfg') or {}, architecture=arch)
+    try:
+        model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **model_args)
+    except TypeError as e:
+        raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ValueError(f'{where!r}: the weights do not fit {arch} built from config.json: '
+                         f'{lines[1].strip() if len(lines) > 1 else e}') from e
+    return model.eval()

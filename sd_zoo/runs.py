@@ -1,0 +1,116 @@
+"""The run-folder contract: what ``sd-zoo train`` (and timm's train.py) leave in an output folder, and the
+one function that rebuilds a run's model from it.
+
+A run folder holds ``args.yaml`` (the training arguments), ``summary.csv`` (timm's columns), ``epochs.csv``
+(sd-zoo's wall-clock seconds, images/s and active blocks per epoch), ``last.pth.tar`` and
+``model_best.pth.tar`` (timm's checkpoint keys) and ``results.json``.
+"""
+import csv
+import os
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'read_csv', 'append_epoch_row', 'training_times']
+
+
+@dataclass
+class Run:
+    """A checkpoint, the folder it belongs to, and that run's training arguments (empty when unknown)."""
+    checkpoint: Path
+    run_dir: Path
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_run(source: str, which: str = 'best') -> Run:
+    """The checkpoint (``model_best`` or ``last`` of a folder, or the file given), its folder and arguments."""
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f'{source!r} does not exist: give a training output folder or a checkpoint file')
+    if path.is_dir():
+        names = ['model_best.pth.tar', 'last.pth.tar'] if which == 'best' else ['last.pth.tar']
+        ckpt = next((path / n for n in names if (path / n).is_file()), None)
+        if ckpt is None:
+            raise ValueError(f'{source!r} has no {" or ".join(names)}: is it a training output folder?')
+        run_dir = path
+    else:
+        ckpt, run_dir = path, path.parent
+    args = {}
+    if (run_dir / 'args.yaml').is_file():
+        try:
+            args = yaml.safe_load((run_dir / 'args.yaml').read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f'{run_dir / "args.yaml"} is not valid YAML ({e})') from e
+        if not isinstance(args, dict):
+            raise ValueError(f'{run_dir / "args.yaml"} is not a mapping of training arguments')
+    return Run(checkpoint=ckpt, run_dir=run_dir, args=args)
+
+
+def _architecture(run: Run, model_name: Optional[str]) -> str:
+    """The model name: given, else args.yaml's, else the checkpoint's ``arch`` entry (read weights_only)."""
+    name = model_name or run.args.get('model')
+    if not name and run.checkpoint.name.endswith(('.pth', '.pth.tar', '.tar')):
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+        try:
+            meta = load_checkpoint_metadata(str(run.checkpoint))
+        except Exception:  # not a timm checkpoint, or objects that weights_only refuses: never unpickled
+            meta = {}
+        name = meta.get('arch') if isinstance(meta, dict) else None
+    if not name:
+        raise ValueError(f'cannot tell the architecture of {str(run.checkpoint)!r} (no args.yaml beside it): '
+                         f'pass --model')
+    return name
+
+
+def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = False) -> torch.nn.Module:
+    """The run's model as it was trained (stochastic-depth and dropout settings from args.yaml; classes and
+    input channels from the weights), with the checkpoint's weights, in eval mode."""
+    import timm
+    from .loading import check_model_name, load_weights, read_state_dict, shape_kwargs_from_weights
+    name = check_model_name(_architecture(run, model_name))
+    state_dict = read_state_dict(str(run.checkpoint), use_ema=use_ema)
+    kwargs = dict(run.args.get('model_kwargs') or {})
+    if run.args.get('drop_path') is not None:
+        kwargs['drop_path_rate'] = run.args['drop_path']
+    if run.args.get('drop') is not None:
+        kwargs['drop_rate'] = run.args['drop']
+    kwargs.update(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict))
+    try:
+        model = timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'{str(run.checkpoint)!r}: the run\'s model arguments do not fit {name} ({e})') from e
+    load_weights(model, str(run.checkpoint), use_ema=use_ema)
+    return model.eval()
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    if not Path(path).is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def append_epoch_row(path: str, epoch: int, stats: Dict[str, float], eval_metrics) -> None:
+    """One row of epochs.csv: the epoch's wall-clock seconds, images/s and mean active blocks."""
+    row = OrderedDict(epoch=epoch, wall_s=round(stats['wall_s'], 3), images_per_s=round(stats['images_per_s'], 1),
+                      mean_active_blocks=round(stats['mean_active_blocks'], 3), num_blocks=stats['num_blocks'],
+                      train_loss=stats['loss'], eval_top1=eval_metrics['top1'] if eval_metrics else '')
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def training_times(run_dir: Path) -> Optional[Dict[str, float]]:
+    """Wall-clock time of a run from its epochs.csv: total and median epoch (robust to pauses)."""
+    walls = [float(e['wall_s']) for e in read_csv(Path(run_dir) / 'epochs.csv') if e.get('wall_s')]
+    if not walls:
+        return None
+    return dict(epochs=len(walls), total_s=sum(walls), median_epoch_s=statistics.median(walls))
