@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Augmentation, DataSource, build_loaders
+from .data import Augmentation, DataSource, build_loaders, resolve_data_config
 from .engine import autocast
 
 LOADER_KINDS = ('timm', 'memory')
@@ -64,7 +64,7 @@ def bench_data_model(name: str, source: DataSource, *, images: int, batch_size: 
         if channels_last:
             model.to(memory_format=torch.channels_last)
         opts[key] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    data_config = timm.data.resolve_data_config({}, model=models['constant'])
+    data_config = resolve_data_config(models['constant'])
     loaders, build_s = {}, {}
     for kind in LOADER_KINDS:
         t0 = time.perf_counter()

@@ -40,8 +40,13 @@ class DataSource:
     dataset: str = ''
     root: Optional[str] = None
     download: bool = False
+    img_mode: str = 'RGB'  # PIL mode images are converted to: 'RGB', or 'L' for a 1-channel model
 
     def __post_init__(self):
+        if self.img_mode not in ('RGB', 'L'):
+            raise ValueError(f'unsupported image mode {self.img_mode!r}: use RGB or L')
+        if self.dataset and self.img_mode != 'RGB':
+            raise ValueError(f'{self.dataset} is RGB: image mode {self.img_mode} is for image folders')
         if self.dataset and self.dataset not in TORCH_DATASETS:
             raise ValueError(f'unsupported dataset {self.dataset!r}: use {DATASET_CHOICES_HELP}')
         if not self.dataset and not self.root:
@@ -56,6 +61,27 @@ class DataSource:
 
     def describe(self, split: str) -> str:
         return f'{self.dataset or "image folder"} {self.data_root!r}, split {split!r}'
+
+
+def resolve_data_config(model: torch.nn.Module, overrides: Optional[Dict[str, Any]] = None,
+                        verbose: bool = False) -> Dict[str, Any]:
+    """timm's data config for ``model``, with the model's own input channels: a 1-channel model reads images
+    in mode L and, unless --mean/--std say otherwise, normalizes with the mean of the RGB statistics."""
+    import timm.data
+    cfg = timm.data.resolve_data_config(dict(overrides or {}), model=model, verbose=verbose)
+    first_conv = model.pretrained_cfg.get('first_conv') or 'conv1'
+    weight = getattr(model.get_submodule(first_conv), 'weight', None) if first_conv else None
+    chans = int(weight.shape[1]) if weight is not None and weight.dim() == 4 else cfg['input_size'][0]
+    if chans != cfg['input_size'][0]:
+        cfg['input_size'] = (chans,) + tuple(cfg['input_size'][1:])
+        for key in ('mean', 'std'):
+            if len(cfg[key]) != chans:
+                cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * chans
+    return cfg
+
+
+def image_mode(data_config: Dict[str, Any]) -> str:
+    return 'L' if data_config['input_size'][0] == 1 else 'RGB'
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -86,7 +112,7 @@ def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
     try:
         if not source.dataset:
             from timm.data import ImageDataset
-            ds = ImageDataset(split_folder(source, split))
+            ds = ImageDataset(split_folder(source, split), input_img_mode=source.img_mode)
             ds.classes = list(ds.reader.class_to_idx)
             return ds
         train = _torch_split_is_train(source, split)
@@ -205,32 +231,35 @@ def cache_dir() -> str:
     return os.path.join(root, 'decoded')
 
 
-def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence[str]) -> str:
+def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence[str], mode: str) -> str:
     """A key that changes when any file is added, removed, renamed, relabelled or modified."""
-    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, list(classes)]).encode())
+    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, list(classes), mode]).encode())
     for path, label in samples:
         st = os.stat(path)
         h.update(f'{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
     return h.hexdigest()[:32]
 
 
-def _decode_file(path: str):
+def _decode_file(path: str, mode: str = 'RGB'):
+    """(H, W, C) uint8, converted like timm's ImageDataset does (``img.convert(mode)``)."""
     import numpy as np
     from PIL import Image
     with Image.open(path) as img:
-        return np.asarray(img.convert('RGB'))
+        arr = np.asarray(img.convert(mode))
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _decode_folder(ds, max_bytes: int, workers: int) -> DecodedImages:
+def _decode_folder(ds, max_bytes: int, workers: int, mode: str) -> DecodedImages:
     import numpy as np
+    from functools import partial
     samples = ds.reader.samples
-    first = _decode_file(samples[0][0])
+    first = _decode_file(samples[0][0], mode)
     need = len(samples) * first.size
     if need > max_bytes:
         raise ValueError(f'{len(samples)} images of {first.shape[1]}x{first.shape[0]} take {need / 2**30:.1f} GiB '
                          f'decoded, over the in-memory limit of {max_bytes / 2**30:.1f} GiB: use --loader timm')
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        arrays = list(pool.map(_decode_file, (p for p, _ in samples), chunksize=256))
+        arrays = list(pool.map(partial(_decode_file, mode=mode), (p for p, _ in samples), chunksize=256))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         sizes = ', '.join(f'{s[1]}x{s[0]}' for s in sorted(shapes)[:3])
@@ -253,7 +282,7 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         labels = torch.as_tensor(ds.labels if source.dataset == 'torch/svhn' else ds.targets, dtype=torch.long)
         return DecodedImages(images.contiguous(), labels, list(ds.classes))
     from safetensors.torch import load_file, save_file
-    key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes)
+    key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes, source.img_mode)
     path = os.path.join(cache_dir(), f'{key}.safetensors')
     if use_cache and os.path.isfile(path):
         try:
@@ -263,7 +292,7 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         except Exception as e:  # a damaged cache file is decoded again, never trusted
             _logger.warning(f'ignoring the damaged cache file {path} ({type(e).__name__}); decoding again')
     _logger.info(f'{source.describe(split)}: decoding {len(ds)} images once into memory')
-    decoded = _decode_folder(ds, max_bytes, workers)
+    decoded = _decode_folder(ds, max_bytes, workers, source.img_mode)
     if use_cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f'{path}.{os.getpid()}.tmp'

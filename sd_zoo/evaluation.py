@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader
+from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import default_device, evaluate
 from .loading import load_model
 
@@ -54,15 +54,15 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
 
     >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
     """
-    from timm.data import resolve_data_config
-    source = DataSource(dataset=dataset, root=data_dir, download=dataset_download)
     if results_file and not results_file.endswith(('.json', '.csv')):
         raise ValueError(f'--results-file {results_file!r} must end in .json or .csv')
     dev = default_device(device)
     net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config({}, model=net)
+    data_config = resolve_data_config(net)
+    source = DataSource(dataset=dataset, root=data_dir, download=dataset_download,
+                        img_mode=image_mode(data_config))
     data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,
                                          loader=loader, subset=subset, seed=seed, workers=workers, device=dev)
     start = time.perf_counter()

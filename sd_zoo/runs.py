@@ -55,7 +55,7 @@ def _architecture(run: Run, model_name: Optional[str]) -> str:
     """The model name: given, else args.yaml's, else the checkpoint's ``arch`` entry (read weights_only)."""
     name = model_name or run.args.get('model')
     if not name and run.checkpoint.name.endswith(('.pth', '.pth.tar', '.tar')):
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+        from timm.utils import load_checkpoint_metadata
         try:
             meta = load_checkpoint_metadata(str(run.checkpoint))
         except Exception:  # not a timm checkpoint, or objects that weights_only refuses: never unpickled

@@ -27,7 +27,8 @@ import torch.nn as nn
 import yaml
 from timm.utils import ParseKwargs
 
-from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, set_loader_epoch
+from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, image_mode, \
+    resolve_data_config, set_loader_epoch
 from .engine import default_device, evaluate, train_one_epoch
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
@@ -66,6 +67,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--gp', default=None, help='global pool type')
     g.add_argument('--img-size', type=int, default=None)
     g.add_argument('--in-chans', type=int, default=None)
+    g.add_argument('--input-img-mode', default=None, choices=('RGB', 'L'),
+                   help='PIL mode of the images (default: L for --in-chans 1, else RGB)')
     g.add_argument('--mean', type=float, nargs='+', default=None)
     g.add_argument('--std', type=float, nargs='+', default=None)
     g.add_argument('--interpolation', default='')
@@ -230,7 +233,6 @@ def build_model(args, device: torch.device):
     """The model of the run (a tagged name takes its classes, mean/std and input size from the tag's config),
     on ``device``, with the resolved data config."""
     import timm
-    from timm.data import resolve_data_config
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
                                   global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(args))
@@ -242,7 +244,7 @@ def build_model(args, device: torch.device):
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    data_config = resolve_data_config(vars(args), model=model, verbose=args.primary)
+    data_config = resolve_data_config(model, vars(args), verbose=args.primary)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -261,7 +263,8 @@ def _losses_and_mixup(args):
 
 
 def _build_loaders(args, data_config, device):
-    source = DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download)
+    img_mode = args.input_img_mode or image_mode(data_config)
+    source = DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download, img_mode=img_mode)
     aug = Augmentation(cifar_aug=args.cifar_aug, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale),
                        ratio=tuple(args.ratio))
     if aug.kind == 'cifar' and args.primary:
@@ -278,8 +281,8 @@ def _build_loaders(args, data_config, device):
 
 def _resume(args, task, optimizer, loss_scaler) -> int:
     """Model, optimizer, EMA and loss-scaler state from --resume; returns the first epoch to run."""
-    from timm.task._helpers import resume_task_checkpoint
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    from timm.task import resume_task_checkpoint
+    from timm.utils import load_checkpoint_metadata
     try:
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
@@ -296,8 +299,7 @@ def _resume(args, task, optimizer, loss_scaler) -> int:
 
 
 def _make_saver(args, output_dir: str, model, optimizer, loss_scaler, task):
-    from timm.utils import CheckpointSaver
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    from timm.utils import CheckpointSaver, load_checkpoint_metadata
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ('primary',)}, f)

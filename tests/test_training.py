@@ -138,7 +138,7 @@ def test_cli_errors(tmp_path, capsys):
     assert main(['train', '--config', str(bad), '--data-dir', str(tmp_path)]) == 2
     assert 'not_a_flag' in capsys.readouterr().err
     assert main(['train', '--config', str(tmp_path / 'none.yaml')]) == 2
-    assert 'does not exist' in capsys.readouterr().err
+    assert 'neither a file nor a recipe name' in capsys.readouterr().err
     assert main(['train', '--data-dir', str(tmp_path), '--resume', str(tmp_path / 'x.pth.tar')]) == 2
     assert 'no such checkpoint' in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -148,7 +148,7 @@ def test_cli_errors(tmp_path, capsys):
     empty = tmp_path / 'empty'
     (empty / 'train').mkdir(parents=True)
     assert main(['train', '--data-dir', str(empty), '--model', 'sd_resnet20', '-j', '0']) == 2
-    assert 'train' in capsys.readouterr().err
+    assert "split 'train': Found 0 images" in capsys.readouterr().err
     assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path),
                  '--checkpoint', str(tmp_path / 'nope.pth')]) == 2
     assert 'does not exist' in capsys.readouterr().err

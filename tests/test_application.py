@@ -1,0 +1,140 @@
+"""The application layer's contracts: model names with tags everywhere, one model rebuild for any run
+(ImageNet family, other class counts, in_chans), keyword Python APIs, recipes by name, the card's metadata."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import sd_zoo
+from sd_zoo.cli import main
+from sd_zoo.loading import check_model_name, load_model
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory):
+    """A 10-class image folder of random 32x32 images (train 4 / test 2 per class)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp('tiny')
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 4), ('test', 2)):
+        for c in range(10):
+            (root / split / f'class{c}').mkdir(parents=True)
+            for i in range(n):
+                arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')
+    return root
+
+
+def _train(data, out, name, *extra):
+    assert main(['train', '--data-dir', str(data), '--epochs', '1', '-b', '8', '-j', '0', '--no-progress',
+                 '--cifar-aug', '--train-split', 'train', '--val-split', 'test', '--output', str(out),
+                 '--experiment', name, '--lr', '0.05', *extra]) == 0
+    return out / name
+
+
+def test_model_names_and_tags():
+    assert check_model_name('sd_resnet20.cifar100') == 'sd_resnet20.cifar100'
+    with pytest.raises(ValueError, match=r"unknown tag in 'sd_resnet20.imagenet'.*sd_resnet20.cifar10"):
+        check_model_name('sd_resnet20.imagenet')
+    with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
+        check_model_name('resnet9000')
+
+
+def test_train_with_a_tagged_name_takes_the_tag_config(tiny_folder, tmp_path):
+    run = _train(tiny_folder, tmp_path, 'tagged', '--model', 'sd_resnet20.cifar100')
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    assert args['model'] == 'sd_resnet20.cifar100' and args['num_classes'] == 100
+    assert args['mean'] is None  # mean/std come from the tag's config, not repeated by the user
+    state = timm.models.load_state_dict(str(run / 'last.pth.tar'))
+    assert state['fc.weight'].shape == (100, 64)
+    model = load_model('sd_resnet20.cifar100', str(run / 'last.pth.tar'))
+    assert model.num_classes == 100 and model.pretrained_cfg['mean'] == (0.5071, 0.4865, 0.4409)
+
+
+@pytest.mark.slow
+def test_publish_imagenet_family_checkpoint_without_args_yaml(tmp_path):
+    model = timm.create_model('sd_resnet18', num_classes=10, drop_path_rate=0.3).eval()
+    ckpt = tmp_path / 'ckpt' / 'sd18.pth.tar'
+    ckpt.parent.mkdir()
+    torch.save({'arch': 'sd_resnet18', 'state_dict': model.state_dict(), 'epoch': 3}, ckpt)
+    staged = tmp_path / 'staged'
+    res = sd_zoo.publish(str(ckpt), repo_id='org/sd18', dry_run=True, out=str(staged))
+    assert res['architecture'] == 'sd_resnet18' and res['tag'] == 'in1k'
+    config = json.loads((staged / 'config.json').read_text())
+    assert config['model_args']['num_classes'] == 10 and config['model_args']['in_chans'] == 3
+    assert 'depth' not in config['model_args']
+    card = (staged / 'README.md').read_text()
+    assert 'ImageNet-style ResNet' in card and 'CIFAR-style' not in card
+    loaded = timm.create_model(f'local-dir:{staged}', pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_publish_a_one_channel_run_with_model_index(tiny_folder, tmp_path):
+    run = _train(tiny_folder, tmp_path, 'gray', '--model', 'sd_resnet20', '--in-chans', '1')
+    staged = tmp_path / 'staged'
+    # a 1-channel model is not validated on RGB images: publish without data_dir, then check the files
+    res = sd_zoo.publish(str(run), repo_id='org/gray20', dry_run=True, out=str(staged))
+    config = json.loads((staged / 'config.json').read_text())
+    assert config['model_args']['in_chans'] == 1 and res['tag'] == 'cifar10'
+    model = load_model(f'local-dir:{staged}')
+    assert model.conv1.weight.shape[1] == 1
+
+
+def test_model_card_carries_model_index(tiny_folder, tmp_path):
+    run = _train(tiny_folder, tmp_path, 'rgb', '--model', 'sd_resnet20')
+    staged = tmp_path / 'staged'
+    res = sd_zoo.publish(str(run), repo_id='org/rgb20', dry_run=True, out=str(staged), data_dir=str(tiny_folder),
+                         split='test')
+    card = (staged / 'README.md').read_text()
+    meta = yaml.safe_load(card.split('---')[1])
+    entry = meta['model-index'][0]
+    assert entry['name'] == 'rgb20'
+    result = entry['results'][0]
+    assert result['task']['type'] == 'image-classification'
+    assert result['dataset'] == {'name': 'CIFAR-10', 'type': 'cifar10', 'split': 'test'}
+    top1 = [m for m in result['metrics'] if m['name'] == 'top-1 accuracy'][0]
+    assert top1['value'] == round(res['results']['top1'], 2)
+    # the Python validate API gives the same number as the card
+    again = sd_zoo.validate(f'local-dir:{staged}', data_dir=str(tiny_folder), split='test', quiet=True)
+    assert again['top1'] == res['results']['top1'] and again['images'] == 20
+
+
+def test_python_train_api(tiny_folder, tmp_path):
+    res = sd_zoo.train('smoke_sd', dataset='', data_dir=str(tiny_folder), train_split='train', val_split='test',
+                       train_subset=0, batch_size=8, workers=0, no_progress=True, output=str(tmp_path),
+                       experiment='api')
+    assert res['epochs'] == 1 and Path(res['output_dir']).name == 'api'
+    assert 0 <= res['last_eval']['top1'] <= 100
+    with pytest.raises(ValueError, match='no option batchsize'):
+        sd_zoo.train('smoke_sd', batchsize=8)
+
+
+def test_recipes_by_name(capsys):
+    from sd_zoo.recipes import list_recipes, resolve_recipe
+    recipes = list_recipes()
+    assert 'cifar10_resnet110_sd' in recipes and 'Table 1' in recipes['cifar10_resnet110_sd']
+    assert main(['recipes']) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in recipes)
+    assert main(['recipes', '--path', 'smoke_sd']) == 0
+    assert Path(capsys.readouterr().out.strip()) == Path(resolve_recipe('smoke_sd'))
+    from sd_zoo.training import parse_train_args
+    args = parse_train_args(['--config', 'cifar10_resnet110_sd'])
+    assert args.model == 'sd_resnet110' and args.epochs == 500 and args.decay_milestones == [250, 375]
+    assert main(['train', '--config', 'no_such_recipe']) == 2
+    assert 'neither a file nor a recipe name' in capsys.readouterr().err
+
+
+def test_public_timm_helpers_we_rely_on():
+    """The few timm helpers outside timm's top-level API that sd-zoo uses: fail here, not in a user's run."""
+    from timm.task import ClassificationTask, resume_task_checkpoint  # noqa: F401
+    from timm.utils import CheckpointSaver, load_checkpoint_metadata  # noqa: F401
+    from timm.models import get_arch_name, is_model, save_for_hf  # noqa: F401
+    from timm.models._features import feature_take_indices  # noqa: F401  (sd_resnet_cifar: forward_intermediates)
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    assert {'samples', 'class_to_idx'} <= set(ReaderImageFolder.__init__.__code__.co_names)  # data.py reads both
