@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
+from .engine import autocast, default_device
 from .stochastic_depth import StochasticResidual, compile_blocks, expected_depth, fold_survival_scale, \
     stochastic_blocks
 
@@ -76,20 +77,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(name)
+    return default_device(None if name == 'auto' else name)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-
-
-def _autocast(args, device: torch.device):
-    if not args.amp:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == 'cuda' else torch.bfloat16)
 
 
 def _with_timm_drop_path(model: nn.Module, survival: List[float]) -> nn.Module:
@@ -153,7 +146,7 @@ def _make_step(model: nn.Module, x, y, args, device):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step() -> None:
-        with _autocast(args, device):
+        with autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,7 +346,7 @@ def bench_eval(args, device) -> Dict[str, Any]:
 
         def fwd(m):
             def step():
-                with _autocast(args, device):
+                with autocast(device, args.amp):
                     m(x)
             return step
         times = time_interleaved({'sd_folded': fwd(sd), 'plain_resnet': fwd(plain)},

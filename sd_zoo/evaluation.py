@@ -7,7 +7,6 @@ own validate.py cannot import plugins; this command can, and so can a two-line w
 import argparse
 import csv
 import json
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 

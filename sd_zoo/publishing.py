@@ -9,7 +9,7 @@ user's token; a failure leaves the staged folder as it was, and publishing again
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
