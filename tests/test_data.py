@@ -202,3 +202,26 @@ def test_loader_choice():
     imagenet = dict(CIFAR_CFG, input_size=(3, 224, 224), crop_pct=0.875)
     with pytest.raises(ValueError, match='eval transform resizes'):
         sd_data.choose_loader('memory', data_config=imagenet, aug=Augmentation(no_aug=True))
+
+
+@pytest.mark.slow
+def test_resume_continues_the_exact_batch_sequence(tmp_path, cache):
+    """Two epochs in one go, or one epoch and a --resume for the second: the same weights, bit for bit (the
+    in-memory loader's order and augmentation come from (seed, epoch); the gates from (seed, block, step))."""
+    import timm
+    from sd_zoo.cli import main
+    root = _image_folder(tmp_path / 'data', classes=tuple(f'c{i}' for i in range(10)), per_class=5, size=32)
+    common = ['--data-dir', str(root), '--model', 'sd_resnet20', '--cifar-aug', '--loader', 'memory',
+              '--train-split', 'train', '--val-split', 'test', '-b', '8', '-j', '0', '--no-progress',
+              '--sched', 'multistep', '--decay-milestones', '100', '--lr', '0.05', '--seed', '3',
+              '--output', str(tmp_path / 'runs')]
+    assert main(['train', *common, '--epochs', '2', '--experiment', 'straight']) == 0
+    assert main(['train', *common, '--epochs', '1', '--experiment', 'split']) == 0
+    split = tmp_path / 'runs' / 'split'
+    assert main(['train', *[a for a in common if a not in ('--output', str(tmp_path / 'runs'))], '--epochs', '2',
+                 '--resume', str(split / 'last.pth.tar')]) == 0
+    a = timm.models.load_state_dict(str(tmp_path / 'runs' / 'straight' / 'last.pth.tar'))
+    b = timm.models.load_state_dict(str(split / 'last.pth.tar'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one_epoch = timm.models.load_state_dict(str(split / 'checkpoint-0.pth.tar'))
+    assert not torch.equal(one_epoch['fc.weight'], b['fc.weight'])  # the second epoch did train
