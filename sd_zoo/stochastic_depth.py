@@ -311,11 +311,11 @@ class StochasticResidual(nn.Module):
         rows = _take_rows(x, index)
         torch._dynamo.maybe_mark_dynamic(rows, 0)  # a compiled branch (compile_blocks) sees varying sizes
         out = self.branch(rows)
-        if out.dtype != shortcut.dtype:  # autocast: add in the wider type, as shortcut + out would
-            dtype = torch.promote_types(out.dtype, shortcut.dtype)
-            out, shortcut = out.to(dtype), shortcut.to(dtype)
-        # clone().index_add_ keeps the shortcut's memory format (out-of-place index_add returns contiguous)
-        return self.act(shortcut.clone().index_add_(0, index, out, alpha=scale))
+        # a new tensor in the shortcut's memory format (out-of-place index_add would return a contiguous
+        # one) and, under autocast, in the wider of the two types, as shortcut + out would be
+        dtype = torch.promote_types(out.dtype, shortcut.dtype)
+        base = shortcut.clone() if shortcut.dtype == dtype else shortcut.to(dtype)
+        return self.act(base.index_add_(0, index, out.to(dtype), alpha=scale))
 
     @torch.jit.unused
     @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks

@@ -270,3 +270,22 @@ def test_constant_depth_subset_runs_every_sample():
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
     assert all(b.last_gate and b.last_keep is None for b in stochastic_blocks(model))
+
+
+def test_autocast_adds_in_the_wider_type():
+    """An fp32 shortcut plus a bf16 branch gives fp32, as ``shortcut + out`` does in batch mode."""
+    block = CifarBasicBlock(4, 4, survival_prob=0.5, granularity='subset', seed=1).train()
+    x = torch.rand(8, 4, 8, 8)
+    for _ in range(10):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = block(x)
+        keep = block.last_keep
+        if 0 < len(keep) < 8:
+            break
+    else:
+        pytest.fail('no proper subset drawn in 10 steps')
+    assert out.dtype == torch.float32
+    dropped = torch.ones(8, dtype=torch.bool)
+    dropped[keep] = False
+    assert torch.equal(out[dropped], x[dropped])  # the shortcut rows untouched, not rounded to bf16
+    assert not torch.equal(out[keep], x[keep])
