@@ -4,6 +4,7 @@ One run compares, on the same machine, inputs and initial weights, a training st
 SGD step) of
 
 * ``sd_batch``: sd-zoo's batch gates, dropped branches skipped (the paper);
+* ``sd_subset``: sd-zoo's per-sample gates that run each branch on its kept samples only;
 * ``constant``: the same model with stochastic depth off (p_L = 1);
 * ``sd_sample``: sd-zoo's per-sample masks (always computes, DropPath-like);
 * ``timm_droppath``: the same architecture with timm's own ``DropPath`` on each branch;
@@ -39,7 +40,7 @@ from .stochastic_depth import StochasticResidual, compile_blocks, expected_depth
 
 __all__ = ['add_bench_arguments', 'run_benchmark', 'format_table', 'main']
 
-TRAIN_VARIANTS = ('sd_batch', 'constant', 'sd_sample', 'timm_droppath', 'stem_head')
+TRAIN_VARIANTS = ('sd_batch', 'sd_subset', 'constant', 'sd_sample', 'timm_droppath', 'stem_head')
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -110,8 +111,8 @@ def build_train_variants(args, device: torch.device, variants=TRAIN_VARIANTS) ->
             model = constant
         elif name == 'sd_batch':
             model = sd
-        elif name == 'sd_sample':
-            model = timm.create_model(args.model, drop_path_rate=args.drop_path, sd_granularity='sample', **kwargs)
+        elif name in ('sd_sample', 'sd_subset'):
+            model = timm.create_model(args.model, drop_path_rate=args.drop_path, sd_granularity=name[3:], **kwargs)
         elif name == 'timm_droppath':
             model = _with_timm_drop_path(timm.create_model(args.model, drop_path_rate=0.0, **kwargs), survival)
         elif name == 'stem_head':
@@ -178,12 +179,18 @@ def bench_train(args, device) -> Dict[str, Any]:
     any_model = models['constant']
     x, y = _make_batch(args, any_model, device, args.batch_size)
     steps = {name: _make_step(m, x, y, args, device) for name, m in models.items()}
-    active = {name: [] for name in ('sd_batch',)}
+    active = {name: [] for name in ('sd_batch', 'sd_subset')}
 
     def counting_sd_step(inner=steps['sd_batch']):
         inner()
         active['sd_batch'].append(sum(b.last_gate for b in stochastic_blocks(models['sd_batch'])))
+
+    def counting_subset_step(inner=steps['sd_subset']):
+        inner()  # active blocks in sample units: the kept fraction summed over blocks
+        active['sd_subset'].append(sum(1.0 if b.last_keep is None else len(b.last_keep) / args.batch_size
+                                       for b in stochastic_blocks(models['sd_subset'])))
     steps['sd_batch'] = counting_sd_step
+    steps['sd_subset'] = counting_subset_step
     times = time_interleaved(steps, args.steps, args.warmup, device)
 
     num_blocks = len(stochastic_blocks(any_model))
@@ -197,6 +204,7 @@ def bench_train(args, device) -> Dict[str, Any]:
         num_blocks=num_blocks,
         expected_active_blocks=exp_active,
         mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),
+        mean_active_blocks_subset=statistics.fmean(active['sd_subset'][-args.steps:]),
         stem_head_share=fixed_share,
         limit_ratio=limit,
         limit_assumes='every block costs the same',
@@ -545,7 +553,8 @@ def _format_train(results: Dict[str, Any]) -> List[str]:
         lines.append(f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}")
     lines.append(f"{'limit (schedule)':<28}{'':>10}{train['limit_ratio']:>12.3f}   "
                  f"(E[active] {train['expected_active_blocks']:.2f}/{train['num_blocks']}, observed "
-                 f"{train['mean_active_blocks']:.2f}; stem+head share {train['stem_head_share']:.3f})")
+                 f"{train['mean_active_blocks']:.2f} batch, {train['mean_active_blocks_subset']:.2f} subset; "
+                 f"stem+head share {train['stem_head_share']:.3f})")
     costs = train['stage_costs']
     shares = ', '.join(f"{n} {costs['stage_share'][n]:.2f} x p {costs['stage_mean_survival'][n]:.2f}"
                        for n in costs['stage_share'])

@@ -8,12 +8,13 @@ This module holds the mechanism shared by every sd-zoo model:
 
 * :func:`survival_schedule` / :func:`expected_depth` - the paper's linear-decay or uniform rule;
 * :class:`StochasticResidual` - a residual block base class with batch gates that skip the branch,
-  per-sample gates (DropPath-like, for comparison), ``paper`` or ``inverted`` scaling, gates that are
-  reproducible and identical on every DDP rank, and exactly-zero gradients for dropped branches;
+  per-sample gates (DropPath-like, for comparison), per-sample gates that run the branch on the kept
+  samples only (``subset``), ``paper`` or ``inverted`` scaling, reproducible gates (batch gates identical
+  on every DDP rank), and exactly-zero gradients for dropped branches;
 * :func:`fold_survival_scale` - folds the eval scale into the branch's last BN (a plain ResNet);
 * :func:`compile_blocks` - ``torch.compile`` for the branches, so that gates never cause recompiles.
 """
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,11 @@ from timm.layers import register_notrace_module
 __all__ = [
     'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
     'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
-    'set_gate_seed',
+    'set_gate_seed', 'subset_keep_indices',
 ]
 
 RULES = ('linear', 'uniform')
-GRANULARITIES = ('batch', 'sample')
+GRANULARITIES = ('batch', 'sample', 'subset')
 SCALINGS = ('paper', 'inverted')
 
 
@@ -98,6 +99,42 @@ def gate_uniform(seed: int, block_index: int, step: int) -> float:
     return (z >> 11) * (1.0 / (1 << 53))
 
 
+_SUBSET_STREAM = 0x5B5E7  # keeps subset masks apart from the batch gates' stream
+
+
+def subset_keep_indices(
+        seed: int,
+        block_index: int,
+        step: int,
+        rank: int,
+        batch_size: int,
+        survival_prob: float,
+) -> torch.Tensor:
+    """Sorted indices (int64, CPU) of the samples that keep a block: each one independently with ``survival_prob``.
+
+    Counter-based like :func:`gate_uniform`: a CPU generator seeded from a hash of (seed, block, step, rank),
+    never the global RNG, so a rank's masks are reproducible and ranks (which see different data) draw
+    different masks. Drawn on the CPU so that the subset size is known without a device sync.
+    """
+    z = _mix64(_mix64(_mix64(_mix64(_mix64(seed & _MASK64) ^ _SUBSET_STREAM) ^ (block_index & _MASK64))
+                      ^ (step & _MASK64)) ^ (rank & _MASK64))
+    g = torch.Generator().manual_seed(z)
+    return torch.nonzero(torch.rand(batch_size, generator=g) < survival_prob).squeeze(1)
+
+
+def _rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``, keeping a channels_last layout without an extra copy."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
+
+
 _graph_task_id = getattr(torch._C, '_current_graph_task_id', lambda: -1)
 
 
@@ -133,6 +170,9 @@ class StochasticResidual(nn.Module):
 
     Training, ``granularity='batch'``: one gate per forward; a closed gate returns the shortcut without
     running the branch. ``'sample'``: a per-sample Bernoulli mask (always computes, like DropPath).
+    ``'subset'``: a per-sample mask too, but the branch runs on the kept samples only (gathered, then
+    added into the shortcut), so compute scales with the kept fraction; the branch's BatchNorms see the
+    kept subset's statistics (see :meth:`_forward_subset`).
     ``scaling='paper'``: unscaled in training, branch times p_l at eval. ``'inverted'``: kept branch
     divided by p_l in training, unscaled at eval. The eval scale lives in the ``eval_scale`` buffer, so
     a state_dict evaluates the same whatever survival arguments the loading model was built with.
@@ -174,7 +214,8 @@ class StochasticResidual(nn.Module):
         self.block_index = block_index
         self.gate_seed = int(seed)
         self.gate_step = 0  # training forwards drawn so far; with the seed, it fixes the next gate
-        self.last_gate = True
+        self.last_gate = True  # the branch ran in the last training forward (for at least one sample)
+        self.last_keep: Optional[torch.Tensor] = None  # 'subset': the kept samples' indices (None: all)
         scale = self.survival_prob if scaling == 'paper' else 1.0
         buffer_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
         self.register_buffer('eval_scale', torch.tensor(scale, device=device, dtype=buffer_dtype),
@@ -219,17 +260,73 @@ class StochasticResidual(nn.Module):
         return self.last_gate
 
     @torch.jit.unused
+    def next_keep(self, batch_size: int) -> torch.Tensor:
+        """Draw the indices of the samples that keep this block's branch (``'subset'``), on the CPU.
+
+        Like :meth:`next_gate`, recomputation under activation checkpointing reuses the last draw.
+        """
+        if not _in_backward() or self.last_keep is None:
+            self.last_keep = subset_keep_indices(
+                self.gate_seed, self.block_index, self.gate_step, _rank(), batch_size, self.survival_prob)
+            self.gate_step += 1
+        return self.last_keep
+
+    @torch.jit.unused
+    def _dropped(self, shortcut: torch.Tensor) -> torch.Tensor:
+        """A dropped block: the shortcut, with exactly-zero gradients for the unused branch parameters."""
+        out = self.dropped_output(shortcut)
+        params = tuple(self.branch_parameters())
+        if params and torch.is_grad_enabled():
+            out = _ZeroGradIdentity.apply(out, *params)
+        return out
+
+    @torch.jit.unused
+    def _forward_subset(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample gates that skip compute: ``out = act(shortcut + index_add(kept rows of branch))``.
+
+        The branch runs on ``x``'s kept rows only, so its BatchNorms normalise with (and update their
+        running statistics from) the kept subset's batch statistics, a smaller and varying batch. No sample
+        kept: a dropped block (shortcut only, zero gradients). One sample kept at a 1x1 output resolution
+        cannot be batch-normalised in training, so that block counts as dropped for the step as well (only
+        tiny inputs reach 1x1; at a larger resolution a single kept sample runs as it is).
+        """
+        p = self.survival_prob
+        shortcut = self.shortcut(x)
+        if p >= 1.0:
+            self.last_gate, self.last_keep = True, None
+            return self.act(shortcut + self.branch(x))
+        n = x.shape[0]
+        keep = self.next_keep(n)
+        k = keep.numel()
+        if k == 1 and shortcut.shape[2:].numel() == 1:
+            keep = self.last_keep = keep[:0]
+            k = 0
+        self.last_gate = k > 0
+        if k == 0:
+            return self._dropped(shortcut)
+        scale = 1.0 / p if self.scaling == 'inverted' else 1.0
+        if k == n:
+            return self.act(torch.add(shortcut, self.branch(x), alpha=scale))
+        index = keep.to(x.device)
+        rows = _take_rows(x, index)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)  # a compiled branch (compile_blocks) sees varying sizes
+        out = self.branch(rows)
+        # a new tensor in the shortcut's memory format (out-of-place index_add would return a contiguous
+        # one) and, under autocast, in the wider of the two types, as shortcut + out would be
+        dtype = torch.promote_types(out.dtype, shortcut.dtype)
+        base = shortcut.clone() if shortcut.dtype == dtype else shortcut.to(dtype)
+        return self.act(base.index_add_(0, index, out.to(dtype), alpha=scale))
+
+    @torch.jit.unused
     @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         p = self.survival_prob
+        if self.granularity == 'subset':
+            return self._forward_subset(x)
         if self.granularity == 'batch':
             shortcut = self.shortcut(x)
             if not self.next_gate():
-                out = self.dropped_output(shortcut)
-                params = tuple(self.branch_parameters())
-                if params and torch.is_grad_enabled():
-                    out = _ZeroGradIdentity.apply(out, *params)
-                return out
+                return self._dropped(shortcut)
             out = self.branch(x)
             if self.scaling == 'inverted' and p < 1.0:
                 return self.act(torch.add(shortcut, out, alpha=1.0 / p))
@@ -302,7 +399,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
     Whole-model ``torch.compile`` would specialise on Python gate values and recompile for each new
     pattern. Compiling the branch function instead gives one graph per block shape (a handful per
-    model); gates still change every step and a dropped branch is still skipped. Returns the model.
+    model); gates still change every step and a dropped branch is still skipped. In ``'subset'`` mode the
+    branch's batch size changes every step: the gathered rows are marked dynamic, so a block shape costs
+    a static full-batch graph, one dynamic-batch graph and at most a batch-of-1 one, not a graph per
+    subset size. Returns the model.
     """
     key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
     for block in stochastic_blocks(model):

@@ -19,7 +19,8 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert 'sd_batch' in printed and 'limit (schedule)' in printed and str(out) in printed
     res = json.loads(out.read_text())
     train = res['train']
-    assert set(train['variants']) == {'sd_batch', 'constant', 'sd_sample', 'timm_droppath', 'stem_head'}
+    assert set(train['variants']) == {'sd_batch', 'sd_subset', 'constant', 'sd_sample', 'timm_droppath', 'stem_head'}
+    assert 0 < train['mean_active_blocks_subset'] <= 9
     assert train['num_blocks'] == 9 and train['expected_active_blocks'] == pytest.approx(6.5)
     assert train['ratio_to_constant']['constant'] == 1.0
     assert all(v['steps'] == 2 and v['median_s'] > 0 for v in train['variants'].values())

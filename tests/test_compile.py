@@ -50,3 +50,28 @@ def test_whole_model_compile_trains_without_recompiling_per_pattern():
     assert len(set(patterns)) > 4
     assert counters['stats']['unique_graphs'] <= 4
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compile_blocks_subset_bounded_graphs_over_varying_subset_sizes():
+    """The branch's batch size changes every step in subset mode; compilations must not follow it."""
+    from sd_zoo.models.sd_resnet_cifar import CifarBasicBlock
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Sequential(*[
+        CifarBasicBlock(8, out, stride=s, survival_prob=0.5, granularity='subset', block_index=i, seed=3)
+        for i, (out, s) in enumerate([(8, 1), (16, 2)])]).train()
+    eager = copy.deepcopy(model)
+    compile_blocks(model)
+    x = torch.rand(8, 8, 8, 8)
+    sizes = set()
+    for step in range(30):
+        out = model(x)
+        out.sum().backward()
+        sizes |= {len(b.last_keep) for b in stochastic_blocks(model)}
+        ref = eager(x)  # the same masks: they depend on (seed, block, step, rank) only
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(sizes - {0, 8}) >= 4, f'subset sizes {sorted(sizes)}: too few to test recompilation'
+    graphs = counters['stats']['unique_graphs']
+    # per block shape: a static full-batch graph, a dynamic-batch one, at most a batch-of-1 one
+    assert 0 < graphs <= 6, f'{graphs} graphs for subset sizes {sorted(sizes)}'

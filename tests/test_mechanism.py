@@ -80,7 +80,7 @@ def test_dropped_blocks_get_zero_grads_and_keep_bn_stats():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize('granularity', ['batch', 'sample'])
+@pytest.mark.parametrize('granularity', ['batch', 'sample', 'subset'])
 @pytest.mark.parametrize('scaling', ['paper', 'inverted'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_eval_output_is_the_expectation_of_training_output(granularity, scaling, stride):
@@ -106,7 +106,7 @@ def test_eval_output_is_the_expectation_of_training_output(granularity, scaling,
         drop = block.shortcut(x)
     assert torch.allclose(p * keep + (1 - p) * drop, expected, atol=1e-5)
     # Monte-Carlo mean within 5 standard errors of the expectation
-    stderr = (keep - drop).abs() * math.sqrt(p * (1 - p) / n)  # the same per element for both granularities
+    stderr = (keep - drop).abs() * math.sqrt(p * (1 - p) / n)  # the same per element for every granularity
     assert ((mean - expected).abs() <= 5 * stderr + 1e-5).all()
 
 

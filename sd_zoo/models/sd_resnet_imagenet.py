@@ -7,7 +7,7 @@ are timm's (plus one ``eval_scale`` buffer per block), so timm's constant-depth 
 initialisation (they evaluate unscaled), and every timm ResNet feature works unchanged.
 
 :func:`add_stochastic_depth` gives any timm ResNet-family model built from timm's blocks (resnet*,
-resnext*, seresnet*, wide_resnet*, ...) the same batch-mode stochastic depth, in place or as a copy.
+resnext*, seresnet*, wide_resnet*, ...) the same stochastic depth (batch or subset mode), in place or as a copy.
 """
 import copy
 from typing import Any, Dict
@@ -125,22 +125,26 @@ def add_stochastic_depth(
         sd_scaling: str = 'inverted',
         sd_seed: int = 0,
         inplace: bool = False,
+        sd_granularity: str = 'batch',
 ) -> nn.Module:
-    """Give a timm ResNet-family model (timm BasicBlock / Bottleneck blocks) batch-mode stochastic depth.
+    """Give a timm ResNet-family model (timm BasicBlock / Bottleneck blocks) compute-skipping stochastic depth.
 
-    Dropped blocks are skipped, get zero gradients (DDP-safe) and draw rank-consistent gates, as in the
-    sd-zoo models. With the default ``inverted`` scaling the eval outputs are unchanged and the state_dict
-    keys are exactly the model's own (the eval scale of 1 is not saved); ``paper`` scaling saves each
-    block's eval scale. ``drop_path_rate`` is 1 - p_L. Returns the converted model (a copy unless inplace).
+    Dropped blocks are skipped, get zero gradients (DDP-safe) and draw reproducible gates, as in the
+    sd-zoo models: ``sd_granularity='batch'`` (default) drops a block for the whole mini-batch with
+    rank-consistent gates, ``'subset'`` per sample, running the branch on the kept samples only (``'sample'``,
+    a DropPath-like mask that always computes, is accepted too). With the default ``inverted`` scaling the eval
+    outputs are unchanged and the state_dict keys are exactly the model's own (the eval scale of 1 is not
+    saved); ``paper`` scaling saves each block's eval scale. ``drop_path_rate`` is 1 - p_L. Returns the
+    converted model (a copy unless inplace).
     """
     if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
         raise ValueError(f'drop_path_rate (1 - p_L) must be a number in [0, 1), got {drop_path_rate!r}')
-    check_sd_args(1.0 - drop_path_rate, sd_rule, 'batch', sd_scaling)
+    check_sd_args(1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         raise ValueError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck blocks to convert')
     if not inplace:
         model = copy.deepcopy(model)
-    _apply_schedule(model, 1.0 - drop_path_rate, sd_rule, 'batch', sd_scaling, sd_seed,
+    _apply_schedule(model, 1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling, sd_seed,
                     persistent=sd_scaling == 'paper')
     return model
 
