@@ -22,6 +22,7 @@ from timm.layers import register_notrace_module
 
 __all__ = [
     'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
+    'check_model_sd_args',
     'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
     'set_gate_seed', 'subset_keep_indices',
 ]
@@ -56,6 +57,14 @@ def check_sd_args(
     _check_choice('rule', rule, RULES)
     _check_choice('granularity', granularity, GRANULARITIES)
     _check_choice('scaling', scaling, SCALINGS)
+
+
+def check_model_sd_args(drop_path_rate: float, rule: str = 'linear', granularity: str = 'batch',
+                        scaling: str = 'paper') -> None:
+    """The models' form of :func:`check_sd_args`: timm's ``drop_path_rate`` (1 - p_L) instead of p_L."""
+    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
+        raise ValueError(f'drop_path_rate (1 - p_L) must be a number in [0, 1), got {drop_path_rate!r}')
+    check_sd_args(1.0 - drop_path_rate, rule, granularity, scaling)
 
 
 def survival_schedule(num_blocks: int, survival_prob_last: float = 0.5, rule: str = 'linear') -> List[float]:

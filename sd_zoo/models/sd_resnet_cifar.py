@@ -17,7 +17,7 @@ from timm.layers import create_classifier, get_device_dtype, register_notrace_fu
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..stochastic_depth import StochasticResidual, check_sd_args, survival_schedule
+from ..stochastic_depth import StochasticResidual, check_model_sd_args, survival_schedule
 
 __all__ = ['SDCifarResNet', 'CifarBasicBlock', 'shipped_weights_dir', 'SHIPPED_WEIGHTS']
 
@@ -120,9 +120,7 @@ class SDCifarResNet(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f'depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...), got {depth!r}')
-        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
-            raise ValueError(f'drop_path_rate (1 - p_L) must be a number in [0, 1), got {drop_path_rate!r}')
-        check_sd_args(1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling)
+        check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
         if shortcut_type not in SHORTCUT_TYPES:
             raise ValueError(f'unknown shortcut_type {shortcut_type!r}: choose one of {", ".join(SHORTCUT_TYPES)}')
         if len(channels) != 3:

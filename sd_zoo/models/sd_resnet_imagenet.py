@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..stochastic_depth import StochasticResidual, check_sd_args, survival_schedule
+from ..stochastic_depth import StochasticResidual, check_model_sd_args, survival_schedule
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck', 'add_stochastic_depth', 'plain_state_dict']
 
@@ -137,9 +137,7 @@ def add_stochastic_depth(
     saved); ``paper`` scaling saves each block's eval scale. ``drop_path_rate`` is 1 - p_L. Returns the
     converted model (a copy unless inplace).
     """
-    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
-        raise ValueError(f'drop_path_rate (1 - p_L) must be a number in [0, 1), got {drop_path_rate!r}')
-    check_sd_args(1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling)
+    check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         raise ValueError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck blocks to convert')
     if not inplace:
@@ -162,9 +160,7 @@ class SDResNet(ResNet):
 
     def __init__(self, *args, drop_path_rate: float = 0.5, sd_rule: str = 'linear', sd_granularity: str = 'batch',
                  sd_scaling: str = 'paper', sd_seed: int = 0, **kwargs):
-        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
-            raise ValueError(f'drop_path_rate (1 - p_L) must be a number in [0, 1), got {drop_path_rate!r}')
-        check_sd_args(1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling)
+        check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
         super().__init__(*args, drop_path_rate=0.0, **kwargs)
         self.drop_path_rate = float(drop_path_rate)
         self.sd_rule = sd_rule
