@@ -22,8 +22,9 @@ def _create(model_name: str, **kwargs):
     except TypeError as e:
         if 'keyword argument' not in str(e):
             raise
-        raise ValueError(f'{model_name} does not take {str(e).split("argument", 1)[-1].strip()}: its arguments '
-                         f'are timm.create_model\'s and the model\'s (help: torch.hub.help(..., {model_name!r}))') from e
+        unknown = str(e).split('argument', 1)[-1].strip()
+        raise ValueError(f'{model_name} does not take {unknown}: its arguments are timm.create_model\'s and the '
+                         f'model\'s (help: torch.hub.help(..., {model_name!r}))') from e
 
 
 def _make_entrypoint(model_name: str):

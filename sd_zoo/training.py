@@ -21,7 +21,6 @@ import re
 import shutil
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 

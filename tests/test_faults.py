@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import pytest
 import timm
 import torch
-import yaml
 from PIL import Image
 
 import sd_zoo
@@ -520,7 +519,8 @@ def hub_env(monkeypatch, tmp_path):
     def point(endpoint: str, offline: bool = False):
         # what HF_ENDPOINT sets when huggingface_hub is imported
         monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
-        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                            endpoint + '/{repo_id}/resolve/{revision}/{filename}')
         monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
         monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', offline)
         monkeypatch.setenv('SD_ZOO_HUB_TIMEOUT', '2')
