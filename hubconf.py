@@ -15,14 +15,26 @@ import sd_zoo as _sd_zoo  # noqa: F401  registers the sd models
 from sd_zoo.hub import load_published as _load_published
 
 
+def _create(model_name: str, **kwargs):
+    """timm.create_model, with a keyword the model does not take as a ValueError that names it."""
+    try:
+        return _timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        if 'keyword argument' not in str(e):
+            raise
+        unknown = str(e).split('argument', 1)[-1].strip()
+        raise ValueError(f'{model_name} does not take {unknown}: its arguments are timm.create_model\'s and the '
+                         f'model\'s (help: torch.hub.help(..., {model_name!r}))') from e
+
+
 def _make_entrypoint(model_name: str):
     def entrypoint(pretrained: bool = False, hub_id: str = None, **kwargs):
         if not pretrained:
-            return _timm.create_model(model_name, **kwargs)
+            return _create(model_name, **kwargs)
         cfg = _timm.models.get_pretrained_cfg(model_name)
         if hub_id is None and cfg.file:
             # weights shipped in the sd_zoo package: timm's own loader, offline; num_classes re-heads it
-            return _timm.create_model(model_name, pretrained=True, **kwargs)
+            return _create(model_name, pretrained=True, **kwargs)
         hub_id = hub_id or cfg.hf_hub_id
         if not hub_id:
             raise ValueError(f'{model_name} has no published weights yet: pass hub_id="ORG/NAME" of a repository '

@@ -78,6 +78,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _resolve_device(name: str) -> torch.device:
+    """'auto' is cuda where there is one, else cpu; a device that is not there is a one-line error."""
     return default_device(None if name == 'auto' else name)
 
 
@@ -494,15 +495,42 @@ def bench_compile(args, device) -> Dict[str, Any]:
     )
 
 
+_AT_LEAST_1 = ('steps', 'batch_size', 'cost_steps', 'eval_batches', 'memory_steps', 'compile_steps', 'data_images',
+               'data_step_repeats')
+_AT_LEAST_0 = ('warmup', 'ddp_world_size', 'data_workers')
+
+
+def check_bench_args(args) -> None:
+    """Every bad value is an error before anything is measured, not a crash (or a file that cannot be written)
+    minutes into the benchmark."""
+    for name in _AT_LEAST_1 + tuple(n for n in ('threads', 'ddp_steps', 'img_size') if getattr(args, n) is not None):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    for name in _AT_LEAST_0:
+        if getattr(args, name) < 0:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least 0, got {getattr(args, name)}')
+    if not 0.0 <= args.drop_path < 1.0:
+        raise ValueError(f'--drop-path (1 - p_L) must be in [0, 1), got {args.drop_path}')
+    if args.model not in timm.list_models('sd_*'):
+        raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
+    if args.data_dir or args.dataset:
+        from .data import DataSource
+        DataSource(dataset=args.dataset, root=args.data_dir)  # checks the data set before the long part
+        unknown = [m for m in args.data_models if m not in timm.list_models('sd_*')]
+        if unknown:
+            raise ValueError(f'--data-models: unknown sd-zoo model {", ".join(unknown)}')
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else ''
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
+        raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
+                                                      f'the folder {folder!r} does not exist'))
+
+
 def run_benchmark(args) -> Dict[str, Any]:
     """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results."""
+    check_bench_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError('--steps and --batch-size must be at least 1')
-    if args.model not in timm.list_models('sd_*'):
-        raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
     results: Dict[str, Any] = dict(
         config={k: v for k, v in vars(args).items() if k != 'func'},
         environment=dict(

@@ -28,8 +28,28 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors that a user's input or environment causes (a bad flag value, a missing or unreadable path): one line
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line. A DataLoader worker re-raises an error with the worker's
+    traceback in its message: its last line is the original message."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f'{error.strerror}: {error.filename!r}'
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Caught ') and 'DataLoader worker' in lines[0]:
+        last = lines[-1]
+        return last.split(': ', 1)[1] if last.startswith(type(error).__name__ + ':') else last
+    return ' '.join(lines) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Errors a user can fix are one line ``sd-zoo CMD: error: ...`` and exit status 2;
+    anything else is a bug and keeps its traceback (as do all errors with SD_ZOO_TRACEBACK=1)."""
     import importlib
+    import os
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv)  # prints usage and exits for a missing or unknown command
@@ -38,9 +58,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         module.main(rest)
-    except ValueError as e:
-        print(f'sd-zoo {command}: error: {e}', file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get('SD_ZOO_TRACEBACK'):
+            raise
+        print(f'sd-zoo {command}: error: {one_line(e)}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f'sd-zoo {command}: interrupted', file=sys.stderr)
+        return 130
     return 0
 
 

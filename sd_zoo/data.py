@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import ImageDataset
 
 _logger = logging.getLogger('sd_zoo.data')
 
@@ -111,8 +112,7 @@ def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
     (so labels are timm's: class folders in natural sort order); torchvision reads CIFAR and SVHN."""
     try:
         if not source.dataset:
-            from timm.data import ImageDataset
-            ds = ImageDataset(split_folder(source, split), input_img_mode=source.img_mode)
+            ds = StrictImageDataset(split_folder(source, split), input_img_mode=source.img_mode)
             ds.classes = list(ds.reader.class_to_idx)
             return ds
         train = _torch_split_is_train(source, split)
@@ -129,6 +129,33 @@ def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
         raise ValueError(f'cannot read {source.describe(split)}: {str(e).splitlines()[0]}{hint}') from e
 
 
+def _image_error(path: str, error: Exception) -> ValueError:
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return ValueError(f'cannot read the image {path!r} ({detail}): fix or remove the file')
+
+
+def _open_image(path: str, mode: str):
+    """The image at ``path`` decoded in ``mode``; an unreadable file is an error that names it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)  # decodes the pixels: a truncated file fails here, not later
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a corrupt, truncated or foreign file
+        raise _image_error(path, e) from e
+
+
+class StrictImageDataset(ImageDataset):
+    """timm's ImageDataset, except that an unreadable image is an error naming the file: timm's logs a
+    warning and returns the next image in its place, which trains on silently wrong data."""
+
+    def __getitem__(self, index: int):
+        path, target = self.reader.samples[index]
+        img = _open_image(path, self.input_img_mode or 'RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
 def check_same_classes(reference: Sequence[str], other: Sequence[str], what: str) -> None:
     """Labels are class indices: two splits must have the same classes in the same order."""
     if list(reference) != list(other):
@@ -138,6 +165,15 @@ def check_same_classes(reference: Sequence[str], other: Sequence[str], what: str
                            if s) or 'same names in another order'
         raise ValueError(f'the classes of {what} differ from the training split\'s ({detail}): labels would not '
                          f'match')
+
+
+def check_class_count(classes: Sequence[str], num_classes: Optional[int], what: str) -> None:
+    """A label must index one of the model's outputs: data with more classes than the model has outputs is an
+    error (cross-entropy would fail mid-run, or accuracy be wrong), fewer is fine."""
+    if num_classes is not None and len(classes) > num_classes:
+        raise ValueError(f'{what} has {len(classes)} classes but the model has {num_classes} outputs: labels '
+                         f'{num_classes}..{len(classes) - 1} have no output (give --num-classes {len(classes)} or '
+                         f'data with the model\'s classes)')
 
 
 def random_indices(n: int, k: int, seed: int) -> List[int]:
@@ -241,11 +277,10 @@ def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence
 
 
 def _decode_file(path: str, mode: str = 'RGB'):
-    """(H, W, C) uint8, converted like timm's ImageDataset does (``img.convert(mode)``)."""
+    """(H, W, C) uint8, converted like timm's ImageDataset does (``img.convert(mode)``); an unreadable
+    file is an error naming it."""
     import numpy as np
-    from PIL import Image
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert(mode))
+    arr = np.asarray(_open_image(path, mode))
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -430,6 +465,7 @@ class Loaders:
     test: Any
     kind: str
     counts: Dict[str, int]
+    classes: List[str]
 
 
 def choose_loader(loader: str, *, data_config: Dict[str, Any], aug: Augmentation) -> str:
@@ -510,7 +546,7 @@ def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_spli
     test = make(parts['test'], False) if parts['test'] is not None else None
     if len(train) == 0:
         raise ValueError(f'{counts["train"]} training images make no full batch of {batch_size} per rank')
-    return Loaders(train=train, val=val, test=test, kind=kind, counts=counts)
+    return Loaders(train=train, val=val, test=test, kind=kind, counts=counts, classes=list(train_all.classes))
 
 
 def _checked(data, train_classes: Sequence[str], split: str):
@@ -520,16 +556,19 @@ def _checked(data, train_classes: Sequence[str], split: str):
 
 def build_eval_loader(source: DataSource, split: str, *, data_config: Dict[str, Any], batch_size: int,
                       loader: str = 'auto', subset: int = 0, seed: int = 0, workers: int = 4,
-                      device: torch.device = torch.device('cpu')):
-    """One split for evaluation (``sd-zoo validate``), either path; returns (loader, number of images)."""
+                      device: torch.device = torch.device('cpu'), num_classes: Optional[int] = None):
+    """One split for evaluation (``sd-zoo validate``), either path; returns (loader, number of images).
+    ``num_classes``: the model's outputs, which the split's classes must not outnumber."""
     kind = choose_loader(loader, data_config=data_config, aug=Augmentation(no_aug=True))
     if kind == 'memory':
         data = decode_split(source, split, workers=workers)
+        check_class_count(data.classes, num_classes, source.describe(split))
         check_image_size(data, data_config)
         data = data.subset(random_indices(len(data), subset, seed))
         return TensorLoader(data, batch_size=batch_size, mean=data_config['mean'], std=data_config['std'],
                             device=device, training=False), len(data)
     _, eval_tf = build_transforms(data_config)
     raw = read_split(source, split)
+    check_class_count(raw.classes, num_classes, source.describe(split))
     ds = Subset(raw, random_indices(len(raw), subset, seed), eval_tf)
     return timm_loader(ds, batch_size=batch_size, training=False, workers=workers), len(ds)

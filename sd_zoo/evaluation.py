@@ -7,6 +7,7 @@ own validate.py cannot import plugins; this command can, and so can a two-line w
 import argparse
 import csv
 import json
+import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -53,8 +54,10 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
 
     >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
     """
-    if results_file and not results_file.endswith(('.json', '.csv')):
-        raise ValueError(f'--results-file {results_file!r} must end in .json or .csv')
+    check_results_file(results_file)
+    for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):
+        if value < least:
+            raise ValueError(f'{name} must be at least {least}, got {value}')
     dev = default_device(device)
     net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
     if channels_last:
@@ -63,7 +66,8 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     source = DataSource(dataset=dataset, root=data_dir, download=dataset_download,
                         img_mode=image_mode(data_config))
     data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,
-                                         loader=loader, subset=subset, seed=seed, workers=workers, device=dev)
+                                         loader=loader, subset=subset, seed=seed, workers=workers, device=dev,
+                                         num_classes=net.num_classes)
     start = time.perf_counter()
     metrics = evaluate(net, data, dev, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last)
     results = dict(model=model, checkpoint=checkpoint or None, split=split, images=num_images,
@@ -77,6 +81,21 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     if results_file:
         write_results(results_file, results)
     return results
+
+
+def check_results_file(path: str) -> None:
+    """Before any evaluation runs: a results file must be .json or .csv, in a folder that exists."""
+    if not path:
+        return
+    if not path.endswith(('.json', '.csv')):
+        raise ValueError(f'--results-file {path!r} must end in .json or .csv')
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f'--results-file {path!r} is a folder: give a file name')
+    if not os.path.isdir(folder):
+        raise ValueError(f'--results-file {path!r}: the folder {folder!r} does not exist')
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f'--results-file {path!r}: the folder {folder!r} is not writable')
 
 
 def write_results(path: str, results: Dict[str, Any]) -> None:

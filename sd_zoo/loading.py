@@ -81,9 +81,10 @@ def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False)
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(e)
+        detail = detail if len(detail) <= 240 else detail[:240] + ' ...'
         raise ValueError(f'the weights in {checkpoint!r} do not fit {model.pretrained_cfg.get("architecture", "")} '
-                         f'with {model.num_classes} classes: {lines[1].strip() if len(lines) > 1 else e} '
-                         f'(pass the matching model name)') from e
+                         f'with {model.num_classes} classes: {detail} (pass the matching model name)') from e
 
 
 def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_classes: Optional[int] = None,
@@ -135,14 +136,19 @@ def _fetch(kind: str, where: str, filename: str, revision: Optional[str]) -> Opt
     if kind == 'local':
         path = os.path.join(where, filename)
         return path if os.path.isfile(path) else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
+    from .network import HubTimeout, bounded_hub
     try:
-        return hf_hub_download(where, filename, revision=revision, library_name='sd-zoo')
-    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first
-        raise ValueError(f'the Hub is unreachable and {where!r} {filename} is not in the cache (offline or no '
-                         f'network: {str(e).splitlines()[0][:160]})') from e
+        with bounded_hub():
+            return hf_hub_download(where, filename, revision=revision, library_name='sd-zoo')
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first (no answer, nothing cached)
+        if constants.is_offline_mode():
+            raise ValueError(f'{where!r}: {filename} is not in the cache and HF_HUB_OFFLINE is set: download it '
+                             f'once online') from e
+        raise ValueError(f'{where!r}: the Hub at {constants.ENDPOINT} is unreachable and {filename} is not in the '
+                         f'cache (no network, or the Hub is down)') from e
     except EntryNotFoundError:
         return None
     except RepositoryNotFoundError as e:
@@ -151,6 +157,16 @@ def _fetch(kind: str, where: str, filename: str, revision: Optional[str]) -> Opt
         raise ValueError(f'{where!r}: no revision {revision!r}') from e
     except HfHubHTTPError as e:
         raise ValueError(f'{where!r}: the Hub answered an error ({str(e).splitlines()[0][:160]})') from e
+    except HubTimeout as e:
+        raise ValueError(f'{where!r}: {e}; {filename} is not in the cache') from e
+    except OSError as e:  # a connection dropped mid-download (httpx errors are not OSErrors: below)
+        raise ValueError(f'{where!r}: downloading {filename} failed ({type(e).__name__}: {e})') from e
+    except Exception as e:
+        import httpx2
+        if isinstance(e, httpx2.HTTPError):
+            raise ValueError(f'{where!r}: downloading {filename} from {constants.ENDPOINT} failed '
+                             f'({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})') from e
+        raise
 
 
 def _read_config(kind: str, where: str, revision: Optional[str]) -> Dict[str, Any]:

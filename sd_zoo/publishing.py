@@ -160,16 +160,19 @@ def stage(source_path: str, out_dir: str, repo_id: str, model_name: Optional[str
 
 def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optional[str] = None,
          commit_message: Optional[str] = None, token: Optional[str] = None) -> str:
-    """Upload the staged folder in one commit; returns the commit URL. The staged files are not touched."""
+    """Upload the staged folder in one commit; returns the commit URL. The staged files are not touched. A Hub
+    that refuses, drops the connection or stays silent fails within SD_ZOO_HUB_TIMEOUT seconds (sd_zoo.network)."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from .network import bounded_hub
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-           for p in sorted(Path(staged_dir).iterdir()) if p.is_file()]
-    info = api.create_commit(repo_id, operations=ops, revision=revision,
-                             commit_message=commit_message or f'Publish {repo_id} with sd-zoo')
+    with bounded_hub():
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+               for p in sorted(Path(staged_dir).iterdir()) if p.is_file()]
+        info = api.create_commit(repo_id, operations=ops, revision=revision,
+                                 commit_message=commit_message or f'Publish {repo_id} with sd-zoo')
     return info.commit_url
 
 
@@ -197,10 +200,21 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
     try:
         staged['commit_url'] = push(out_dir, repo_id, private, revision, commit_message, token)
     except Exception as e:
-        raise ValueError(f'pushing to {repo_id!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the '
-                         f'staged files are intact in {out_dir}: fix the cause and run the same command again') from e
+        detail = _failure(e)
+        raise ValueError(f'pushing to {repo_id!r} failed ({detail}); the staged files are intact in {out_dir}: fix '
+                         f'the cause and run the same command again') from e
     print(f'pushed: {staged["commit_url"]}')
     return staged
+
+
+def _failure(error: Exception) -> str:
+    """Why a push failed, in a few words: a silent Hub is named as such, not as a bare 'timed out'."""
+    import httpx2
+    from .network import hub_timeout
+    if isinstance(error, httpx2.TimeoutException):
+        return f'the Hub gave no answer in {hub_timeout():g} s (SD_ZOO_HUB_TIMEOUT; {type(error).__name__})'
+    text = str(error).splitlines()[0][:200] if str(error).strip() else ''
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

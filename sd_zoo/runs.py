@@ -3,20 +3,33 @@ one function that rebuilds a run's model from it.
 
 A run folder holds ``args.yaml`` (the training arguments), ``summary.csv`` (timm's columns), ``epochs.csv``
 (sd-zoo's wall-clock seconds, images/s and active blocks per epoch), ``last.pth.tar`` and
-``model_best.pth.tar`` (timm's checkpoint keys) and ``results.json``.
+``model_best.pth.tar`` (timm's checkpoint keys), ``last_epoch.json`` (the newest epoch's log rows, written
+before its checkpoint) and ``results.json``.
+
+Each epoch ends in this order: ``last_epoch.json``, then the checkpoint (atomically), then the log rows. So
+after a kill the logs hold at most the checkpoint's epoch, and :func:`reconcile_logs` makes them end exactly
+there when the run resumes: rows of later epochs (an older sd-zoo wrote them first) are dropped, a missing row
+of the checkpoint's epoch comes back from ``last_epoch.json``.
 """
 import csv
+import json
+import logging
 import os
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'read_csv', 'append_epoch_row', 'training_times']
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'read_csv', 'append_epoch_row', 'append_log_rows',
+           'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
+
+_logger = logging.getLogger('sd_zoo.train')
+EPOCH_RECORD = 'last_epoch.json'
+LOG_FILES = ('summary.csv', 'epochs.csv')
 
 
 @dataclass
@@ -106,6 +119,85 @@ def append_epoch_row(path: str, epoch: int, stats: Dict[str, float], eval_metric
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: a reader (or a resume) sees the old file or the
+    new one, never half of one."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_log_rows(output_dir: str, record: Dict[str, Any], only: Sequence[str] = LOG_FILES) -> None:
+    """An epoch's rows of summary.csv (timm's columns, timm's writer) and epochs.csv, from its record."""
+    from timm.utils import update_summary
+    if 'summary.csv' in only:
+        update_summary(record['epoch'], OrderedDict(record['train_metrics']), record['eval_metrics'],
+                       filename=os.path.join(output_dir, 'summary.csv'), lr=record['lr'])
+    if 'epochs.csv' in only:
+        append_epoch_row(os.path.join(output_dir, 'epochs.csv'), record['epoch'], record['stats'],
+                         record['eval_metrics'])
+
+
+def write_epoch_record(output_dir: str, record: Dict[str, Any]) -> None:
+    """The epoch's log data beside the checkpoint, before the checkpoint: what restores its rows if a kill
+    comes between the checkpoint and the rows. JSON floats round-trip exactly, so restored rows are equal."""
+    write_atomic(os.path.join(output_dir, EPOCH_RECORD), json.dumps(record))
+
+
+def _read_record(output_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(output_dir, EPOCH_RECORD)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) and isinstance(record.get('epoch'), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _rewrite_csv(path: str, fieldnames: List[str], rows: List[Dict[str, str]]) -> None:
+    import io
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fieldnames, lineterminator='\r\n')  # csv's default, as timm writes
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, out.getvalue())
+
+
+def reconcile_logs(output_dir: str, checkpoint_epoch: int) -> None:
+    """Make summary.csv and epochs.csv end at ``checkpoint_epoch``, the epoch a resumed run continues after:
+    drop rows of later epochs (they run again), restore that epoch's rows from last_epoch.json if a kill
+    came between the checkpoint and the rows."""
+    missing = []
+    for name in LOG_FILES:
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            missing.append(name)
+            continue
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            fieldnames, rows = list(reader.fieldnames or []), list(reader)
+        keep = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) <= checkpoint_epoch]
+        if len(keep) != len(rows):
+            dropped = sorted({str(r.get('epoch')) for r in rows} - {r['epoch'] for r in keep})
+            _logger.warning(f'{name}: dropped the rows of epochs {", ".join(dropped)}, after the checkpoint\'s '
+                            f'epoch {checkpoint_epoch}: they run again')
+            _rewrite_csv(path, fieldnames, keep)
+        if not any(int(r['epoch']) == checkpoint_epoch for r in keep):
+            missing.append(name)
+    if not missing:
+        return
+    record = _read_record(output_dir)
+    if record is None or record['epoch'] != checkpoint_epoch:
+        _logger.warning(f'{", ".join(missing)}: no row of epoch {checkpoint_epoch} and no record of it in '
+                        f'{EPOCH_RECORD}: that row stays missing')
+        return
+    _logger.info(f'restored the rows of epoch {checkpoint_epoch} in {", ".join(missing)} from {EPOCH_RECORD}')
+    append_log_rows(output_dir, record, only=missing)
 
 
 def training_times(run_dir: Path) -> Optional[Dict[str, float]]:

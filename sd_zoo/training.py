@@ -17,22 +17,25 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import yaml
-from timm.utils import ParseKwargs
+from timm.utils import CheckpointSaver, ParseKwargs
 
-from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, image_mode, \
-    resolve_data_config, set_loader_epoch
+from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, check_class_count, \
+    image_mode, resolve_data_config, set_loader_epoch
 from .engine import default_device, evaluate, train_one_epoch
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
-from .runs import Run, append_epoch_row, build_run_model
+from .runs import EPOCH_RECORD, Run, append_log_rows, build_run_model, reconcile_logs, write_atomic, \
+    write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -91,7 +94,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight-decay', type=float, default=1e-4)
     g.add_argument('--clip-grad', type=float, default=None)
-    g.add_argument('--clip-mode', default='norm')
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
     g.add_argument('--layer-decay', type=float, default=None)
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
     g = p.add_argument_group('learning rate schedule')
@@ -179,6 +182,16 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     return out if isinstance(value, list) else out[0]
 
 
+def _check_choice(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A YAML value of a flag with choices must be one of them, as on the command line."""
+    if action.choices is not None and value is not None:
+        for v in value if isinstance(value, list) else [value]:
+            if v not in action.choices:
+                raise ValueError(f'config file {path!r}: {key} must be one of {", ".join(map(str, action.choices))}'
+                                 f', got {v!r}')
+    return value
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     path = resolve_recipe(path)
     with open(path) as f:
@@ -193,27 +206,95 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f'config file {path!r} has keys that sd-zoo train does not support: {", ".join(unknown)}'
                          f' (keys are train.py flag names with - as _; see sd-zoo train --help)')
-    return {k: _coerce(actions[k], k, v, path) for k, v in cfg.items()}
+    return {k: _check_choice(actions[k], k, _coerce(actions[k], k, v, path), path) for k, v in cfg.items()}
+
+
+# the least value of each count (None: unset is fine), and the range of each probability
+_AT_LEAST = dict(batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1, workers=0, val_holdout=0,
+                 train_subset=0, val_subset=0, warmup_epochs=0, cooldown_epochs=0, log_interval=0, num_classes=1,
+                 in_chans=1, img_size=1, validation_batch_size=1, start_epoch=0)
+_IN_RANGE = dict(hflip=(0.0, 1.0, True), smoothing=(0.0, 1.0, False), drop=(0.0, 1.0, False),
+                 mixup=(0.0, float('inf'), False), cutmix=(0.0, float('inf'), False))
 
 
 def check_train_args(args: argparse.Namespace) -> None:
-    for name in ('batch_size', 'epochs', 'grad_accum_steps'):
-        if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be at least 1')
+    """Every bad value is an error before any work; never a crash or an AssertionError an epoch later, and
+    never a silent change (a negative --val-subset would slice off images)."""
+    for name, least in _AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least {least}, got {value}')
+    for name, (low, high, closed) in _IN_RANGE.items():
+        value = getattr(args, name)
+        if value is not None and not (low <= value <= high if closed else low <= value < high):
+            raise ValueError(f'--{name.replace("_", "-")} must be in [{low:g}, {high:g}{"]" if closed else ")"}, '
+                             f'got {value}')
     if args.resume and not os.path.isfile(args.resume):
-        raise ValueError(f'--resume {args.resume!r}: no such checkpoint file')
+        raise ValueError(f'--resume {args.resume!r}: no such checkpoint file{_left_behind(args.resume)}')
     if not args.model.startswith(('hf-hub:', 'local-dir:')):
         check_model_name(args.model)
 
 
+def _numbered_checkpoints(folder: str):
+    """(epoch, name) of the checkpoint-N.pth.tar files in ``folder``, newest first."""
+    found = [(int(m.group(1)), n) for n in os.listdir(folder) if (m := re.fullmatch(r'checkpoint-(\d+)\.pth\.tar', n))]
+    return sorted(found, reverse=True)
+
+
+def _left_behind(resume: str) -> str:
+    """What an interrupted run left in the folder of a missing --resume file, for the error message."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    if not os.path.isdir(folder):
+        return ''
+    numbered = _numbered_checkpoints(folder)
+    if os.path.isfile(os.path.join(folder, 'last.pth.tar')):
+        return f' (the run\'s latest checkpoint is {os.path.join(folder, "last.pth.tar")})'
+    if numbered:
+        return (f'; the newest checkpoint in {folder!r} is {numbered[0][1]} (epoch {numbered[0][0]}): resume from '
+                f'{os.path.join(folder, numbered[0][1])}')
+    if os.path.isfile(os.path.join(folder, 'tmp.pth.tar')):
+        return (f'; {folder!r} holds only tmp.pth.tar, the interrupted first save of the run (maybe incomplete), so '
+                f'no epoch finished: start the run again with another --experiment (or delete the folder)')
+    return f'; {folder!r} holds no checkpoint'
+
+
 # ---------------------------------------------------------------------------------------------- driver
+
+# the files a run writes into its folder: a new run never writes into a folder that holds any of them
+RUN_FILES = ('args.yaml', 'summary.csv', 'epochs.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar',
+             'tmp.pth.tar', EPOCH_RECORD)
 
 
 def _output_dir(args) -> str:
-    if args.resume and not args.experiment and not args.output:
-        return os.path.dirname(os.path.abspath(args.resume))  # continue the interrupted run in place
+    """--output/--experiment; a resume without --experiment continues the run in the checkpoint's folder
+    (unless --output names another parent folder), so the same command plus --resume continues the run."""
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else ''
+    if run_dir and not args.experiment and (not args.output or os.path.abspath(args.output) ==
+                                            os.path.dirname(run_dir)):
+        return run_dir
     name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_')])
     return os.path.join(args.output or os.path.join('.', 'output', 'train'), name)
+
+
+def _resumes_in_place(args, output_dir: str) -> bool:
+    return bool(args.resume) and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir)
+
+
+def check_output_dir(args, output_dir: str) -> None:
+    """A run writes only into a new folder, or into its own when it resumes from it: another run's args.yaml,
+    logs and checkpoints are never overwritten nor mixed with this run's."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f'the output folder {output_dir!r} cannot be made: {existing!r} is a file')
+    if not os.path.isdir(output_dir) or _resumes_in_place(args, output_dir):
+        return
+    held = sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or re.fullmatch(r'checkpoint-\d+\.pth\.tar', n))
+    if held:
+        shown = ', '.join(held[:4]) + (', ...' if len(held) > 4 else '')
+        raise ValueError(f'the output folder {output_dir!r} already holds a run ({shown}): resume it with --resume '
+                         f'{os.path.join(output_dir, "last.pth.tar")}, or give another --experiment / --output')
 
 
 def model_kwargs_of(args) -> Dict[str, Any]:
@@ -298,19 +379,81 @@ def _resume(args, task, optimizer, loss_scaler) -> int:
     return start_epoch
 
 
+def _test_pause(where: str, epoch: int) -> None:
+    """Tests only: with SD_ZOO_TEST_SLOW_SAVE=SECONDS, announce each point of an epoch's save on stderr
+    (checkpoint-written: complete in tmp.pth.tar; checkpoint-saved: in place, log rows not yet written;
+    logs-written) and sleep there, so that a test can kill the run at exactly that point."""
+    seconds = float(os.environ.get('SD_ZOO_TEST_SLOW_SAVE') or 0)
+    if seconds > 0:
+        print(f'SD_ZOO_TEST_SLOW_SAVE {where} epoch {epoch}', file=sys.stderr, flush=True)
+        time.sleep(seconds)
+
+
+def _fsync(path: str) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver, with every file put in place by one atomic rename. timm's unlinks last.pth.tar
+    (model_best, checkpoint-N) before it moves the new file there: a kill in between leaves no last.pth.tar.
+    Here a file is always the old one or the new, complete one."""
+
+    def _save(self, save_path, epoch, metric=None):
+        super()._save(save_path, epoch, metric)
+        _fsync(save_path)
+        _test_pause('checkpoint-written', epoch)  # complete in tmp.pth.tar, not yet last.pth.tar
+
+    def _replace(self, src, dst):
+        os.replace(src, dst)
+
+    def _duplicate(self, src, dst):
+        tmp = f'{dst}.tmp'
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
 def _make_saver(args, output_dir: str, model, optimizer, loss_scaler, task):
-    from timm.utils import CheckpointSaver, load_checkpoint_metadata
+    from timm.utils import load_checkpoint_metadata
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ('primary',)}, f)
-    saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-                            checkpoint_dir=output_dir, recovery_dir=output_dir,
-                            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+    write_atomic(os.path.join(output_dir, 'args.yaml'),
+                 yaml.safe_dump({k: v for k, v in vars(args).items() if k not in ('primary',)}))
+    saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                                  checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                  decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                                  task=task)
+    if _resumes_in_place(args, output_dir):
         meta = load_checkpoint_metadata(args.resume)
         if 'saver' in meta:
             saver.load_state_dict(meta['saver'])
+            _repair_best(saver, output_dir)
     return saver
+
+
+def _repair_best(saver, output_dir: str) -> None:
+    """A kill between a checkpoint and its model_best copy leaves model_best one best epoch behind the
+    saver's record: copy the best epoch's checkpoint there again."""
+    from timm.utils import load_checkpoint_metadata
+    best = os.path.join(output_dir, 'model_best.pth.tar')
+    if saver.best_epoch is None:
+        return
+    try:
+        if os.path.isfile(best) and load_checkpoint_metadata(best).get('epoch') == saver.best_epoch:
+            return
+    except Exception:  # an unreadable model_best is replaced as well
+        pass
+    for name in (f'checkpoint-{saver.best_epoch}.pth.tar', 'last.pth.tar'):
+        source = os.path.join(output_dir, name)
+        if os.path.isfile(source) and load_checkpoint_metadata(source).get('epoch') == saver.best_epoch:
+            _logger.warning(f'model_best.pth.tar was not epoch {saver.best_epoch}\'s (an interrupted save): '
+                            f'copied {name} there')
+            saver._duplicate(source, best)
+            return
 
 
 def _setup(args) -> torch.device:
@@ -319,7 +462,8 @@ def _setup(args) -> torch.device:
     check_train_args(args)
     for module in args.device_modules or []:
         importlib.import_module(module)
-    setup_default_logging()
+    if not logging.root.handlers:  # timm's adds a handler per call: train() twice would log every line twice
+        setup_default_logging()
     args.device = str(default_device(args.device))
     device = init_distributed_device(args)
     args.primary = args.rank == 0
@@ -332,9 +476,12 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.task import ClassificationTask
-    from timm.utils import NativeScaler, distribute_bn, update_summary
+    from timm.utils import NativeScaler, distribute_bn
 
     device = _setup(args)
+    output_dir = _output_dir(args)
+    if args.primary:
+        check_output_dir(args, output_dir)  # before any work: a reused folder is an error, not an overwrite
     model, data_config = build_model(args, device)
     mixup_fn, train_loss_fn = _losses_and_mixup(args)
     task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
@@ -342,6 +489,7 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' \
         and device.type == 'cuda' else None
     loaders = _build_loaders(args, data_config, device)
+    check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay)
     start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
@@ -363,7 +511,9 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
         else:
             lr_scheduler.step(start_epoch)
 
-    output_dir = _output_dir(args)
+    if args.primary and _resumes_in_place(args, output_dir):
+        # the logs end at the checkpoint's epoch: no row of an epoch that will run again, none lost
+        reconcile_logs(output_dir, _checkpoint_epoch(args.resume))
     saver = _make_saver(args, output_dir, model, optimizer, loss_scaler, task) if args.primary else None
     if args.primary:
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
@@ -393,12 +543,17 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
         lr = optimizer.param_groups[0]['lr']
         lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.primary:
-            update_summary(epoch, OrderedDict(loss=stats['loss']), eval_metrics,
-                           filename=os.path.join(output_dir, 'summary.csv'), lr=lr)
-            append_epoch_row(os.path.join(output_dir, 'epochs.csv'), epoch, stats, eval_metrics)
-            _log_epoch(epoch, stats, eval_metrics)
+            # checkpoint first, then the log rows: a kill in between loses no row (the record beside the
+            # checkpoint restores it on resume) and a kill before the checkpoint leaves no row to duplicate
+            record = dict(epoch=epoch, train_metrics=dict(loss=stats['loss']), lr=lr, stats=stats,
+                          eval_metrics=dict(eval_metrics) if eval_metrics else None)
+            write_epoch_record(output_dir, record)
             best_metric, best_epoch = saver.save_checkpoint(
                 epoch, metric=eval_metrics[args.eval_metric] if eval_metrics else None)
+            _test_pause('checkpoint-saved', epoch)
+            append_log_rows(output_dir, record)
+            _log_epoch(epoch, stats, eval_metrics)
+            _test_pause('logs-written', epoch)
     results: Dict[str, Any] = dict(model=args.model, output_dir=output_dir, epochs=num_epochs,
                                    best_epoch=best_epoch, best_metric=best_metric, eval_metric=args.eval_metric,
                                    last_eval=dict(eval_metrics) if eval_metrics else None)
@@ -408,11 +563,15 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
         _logger.info(f'test at the best validation epoch ({best_epoch}): top1 {results["test"]["top1"]:.2f}, '
                      f'error {100 - results["test"]["top1"]:.2f}%')
     if args.primary:
-        with open(os.path.join(output_dir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=2)
+        write_atomic(os.path.join(output_dir, 'results.json'), json.dumps(results, indent=2))
     if args.distributed:
         torch.distributed.destroy_process_group()
     return results
+
+
+def _checkpoint_epoch(path: str) -> int:
+    from timm.utils import load_checkpoint_metadata
+    return int(load_checkpoint_metadata(path)['epoch'])
 
 
 def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics) -> None:

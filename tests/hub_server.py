@@ -1,9 +1,14 @@
 """A loopback Hugging Face Hub for tests: the real HTTP endpoints huggingface_hub uses to create a repo,
-commit files (regular uploads) and download them, served from memory on 127.0.0.1."""
+commit files (regular uploads) and download them, served from memory on 127.0.0.1.
+
+Network faults, over real sockets: ``closed_port_endpoint()`` refuses every connection; ``state.fault``
+'hang' accepts a request and never answers it, 'drop' closes the connection in the middle of the response
+(for requests whose path contains ``state.fault_path``; '' means every request)."""
 import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Optional
@@ -16,6 +21,10 @@ class HubState:
         self.fail_next_commits = 0
         self.lock = threading.Lock()
         self.requests = []
+        self.fault: Optional[str] = None  # None, 'hang' or 'drop'
+        self.fault_path = ''
+        self.faulted = 0  # requests that met the fault
+        self.release = threading.Event()  # ends every hang (set it when the test is done)
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -41,6 +50,22 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.command != 'HEAD':
             self.wfile.write(body)
 
+    def _fault(self) -> bool:
+        """Apply state.fault to this request; True when it did (the request gets no proper answer)."""
+        s = self.state
+        if s.fault is None or s.fault_path not in self.path:
+            return False
+        with s.lock:
+            s.faulted += 1
+        self.close_connection = True
+        if s.fault == 'hang':
+            s.release.wait(timeout=120)  # bounded: a test that forgets to release does not hang forever
+        elif s.fault == 'drop':
+            self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: appl')  # the response cut short
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        return True
+
     def _error(self, code: int, message: str):
         self._send(code, {'error': message}, headers={'X-Error-Message': message})
 
@@ -48,6 +73,8 @@ class HubHandler(BaseHTTPRequestHandler):
         s = self.state
         s.requests.append(('POST', self.path))
         body = self._body()
+        if self._fault():
+            return
         path = self.path.split('?')[0]
         if path == '/api/repos/create':
             data = json.loads(body)
@@ -115,6 +142,8 @@ class HubHandler(BaseHTTPRequestHandler):
     def _resolve(self):
         s = self.state
         s.requests.append((self.command, self.path))
+        if self._fault():
+            return
         path = self.path.split('?')[0]
         m = re.match(r'^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$', path)
         if m:
@@ -151,3 +180,18 @@ def start_hub() -> tuple:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, state, f'http://127.0.0.1:{server.server_address[1]}'
+
+
+def stop_hub(server) -> None:
+    """Release any hung request and stop the server."""
+    server.RequestHandlerClass.state.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port_endpoint() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens: every connection is refused."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    return f'http://127.0.0.1:{port}'

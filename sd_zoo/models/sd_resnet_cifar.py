@@ -81,11 +81,19 @@ class CifarBasicBlock(StochasticResidual):
 
 
 @register_notrace_function
-def check_input_shape(x: torch.Tensor, in_chans: int) -> None:
+def check_input_shape(x: torch.Tensor, in_chans: int, size_multiple: int = 1) -> None:
+    """A batch (N, in_chans, H, W) with H and W positive multiples of ``size_multiple``: with the 'avg'
+    shortcut an odd size at a stride-2 stage gives a 1-pixel shortcut that broadcasts silently."""
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(
             'expected an input batch of shape (N, ' + str(in_chans) + ', H, W), got ' + str(list(x.shape))
             + '; set in_chans when creating the model to change the number of input channels')
+    h, w = int(x.shape[2]), int(x.shape[3])
+    if h < size_multiple or w < size_multiple or h % size_multiple or w % size_multiple:
+        need = 'that are positive multiples of ' + str(size_multiple) + ' (its two stride-2 stages halve them ' \
+            'exactly)' if size_multiple > 1 else 'of at least 1 pixel'
+        raise ValueError('input images of ' + str(w) + 'x' + str(h) + ' pixels: this CIFAR-style ResNet needs a '
+                         'height and width ' + need + '; CIFAR and SVHN images are 32x32')
 
 
 class SDCifarResNet(nn.Module):
@@ -199,7 +207,7 @@ class SDCifarResNet(nn.Module):
         self.fc.train(self.training)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.in_chans)
+        check_input_shape(x, self.in_chans, 4 if self.shortcut_type == 'avg' else 1)
         return self.act1(self.bn1(self.conv1(x)))
 
     def forward_intermediates(
