@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from .engine import autocast, default_device
-from .stochastic_depth import StochasticResidual, compile_blocks, expected_depth, fold_survival_scale, \
+from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, expected_depth, fold_survival_scale, \
     stochastic_blocks
 
 __all__ = ['add_bench_arguments', 'run_benchmark', 'format_table', 'main']
@@ -67,7 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument('--data-models', nargs='+', default=['sd_resnet20', 'sd_resnet110'], help='models to train')
     g.add_argument('--data-images', type=int, default=2560, help='training images per measured epoch')
     g.add_argument('--data-workers', type=int, default=2, help='timm loader workers (default: 2)')
-    g.add_argument('--data-step-repeats', type=int, default=8, help='fixed-batch steps for the step ratio')
+    g.add_argument('--data-step-repeats', type=int, default=0,
+                   help='fixed-batch steps for the step ratio (default 0: as many as the epoch has batches)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... (default: auto)")
     parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
@@ -188,8 +189,7 @@ def bench_train(args, device) -> Dict[str, Any]:
 
     def counting_subset_step(inner=steps['sd_subset']):
         inner()  # active blocks in sample units: the kept fraction summed over blocks
-        active['sd_subset'].append(sum(1.0 if b.last_keep is None else len(b.last_keep) / args.batch_size
-                                       for b in stochastic_blocks(models['sd_subset'])))
+        active['sd_subset'].append(active_blocks(stochastic_blocks(models['sd_subset']), args.batch_size))
     steps['sd_batch'] = counting_sd_step
     steps['sd_subset'] = counting_subset_step
     times = time_interleaved(steps, args.steps, args.warmup, device)
@@ -495,9 +495,8 @@ def bench_compile(args, device) -> Dict[str, Any]:
     )
 
 
-_AT_LEAST_1 = ('steps', 'batch_size', 'cost_steps', 'eval_batches', 'memory_steps', 'compile_steps', 'data_images',
-               'data_step_repeats')
-_AT_LEAST_0 = ('warmup', 'ddp_world_size', 'data_workers')
+_AT_LEAST_1 = ('steps', 'batch_size', 'cost_steps', 'eval_batches', 'memory_steps', 'compile_steps', 'data_images')
+_AT_LEAST_0 = ('warmup', 'ddp_world_size', 'data_workers', 'data_step_repeats')
 
 
 def check_bench_args(args) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .data import Augmentation, DataSource, build_loaders, resolve_data_config
 from .engine import autocast
+from .stochastic_depth import set_gate_seed
 
 LOADER_KINDS = ('timm', 'memory')
 VARIANTS = ('constant', 'sd_batch')
@@ -38,11 +39,13 @@ def _train_batch(model: nn.Module, opt, x, y, device, amp: bool, channels_last: 
 
 
 def _epoch(model, opt, loader, device, amp, channels_last, warmup_batches: int = 2) -> float:
-    """Seconds for one whole epoch of ``loader``, loading included, after a few untimed batches."""
+    """Seconds for one whole epoch of ``loader``, loading included, after a few untimed batches. The gates
+    restart at step 0, so the epoch runs the same gate sequence as the fixed-batch steps it is compared with."""
     for i, (x, y) in enumerate(loader):
         _train_batch(model, opt, x, y, device, amp, channels_last)
         if i + 1 >= warmup_batches:
             break
+    set_gate_seed(model, 0, step=0)
     _sync(device)
     start = time.perf_counter()
     for x, y in loader:
@@ -73,10 +76,15 @@ def bench_data_model(name: str, source: DataSource, *, images: int, batch_size: 
             batch_size=batch_size, eval_batch_size=batch_size, aug=Augmentation(cifar_aug=True), loader=kind,
             train_subset=images, workers=workers, seed=seed, device=device).train
         build_s[kind] = time.perf_counter() - t0
-    # the step alone, on one fixed batch, interleaved: what the epochs are compared with
+    # the step alone, on one fixed batch, interleaved, over the epoch's number of steps and the same gate
+    # sequence (gates restart at step 0 after the warm-up): what the epochs are compared with
     x, y = next(iter(loaders['memory']))
     steps: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+    step_repeats = step_repeats or len(loaders['memory'])
     for i in range(2 + step_repeats):
+        if i == 2:
+            for model in models.values():
+                set_gate_seed(model, 0, step=0)
         for v in VARIANTS:
             _sync(device)
             t0 = time.perf_counter()
@@ -87,7 +95,7 @@ def bench_data_model(name: str, source: DataSource, *, images: int, batch_size: 
     epoch_s = {kind: {v: _epoch(models[v], opts[v], loaders[kind], device, amp, channels_last) for v in VARIANTS}
                for kind in LOADER_KINDS}
     n = len(loaders['memory']) * batch_size
-    step_ratio = statistics.median(steps['sd_batch']) / statistics.median(steps['constant'])
+    step_ratio = sum(steps['sd_batch']) / sum(steps['constant'])  # totals: the same gates as the epoch
     return dict(
         images_per_epoch=n, loader_setup_s=build_s,
         step_median_s={v: statistics.median(t) for v, t in steps.items()}, step_ratio=step_ratio,

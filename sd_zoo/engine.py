@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .stochastic_depth import stochastic_blocks
+from .stochastic_depth import active_blocks, stochastic_blocks
 
 _logger = logging.getLogger('sd_zoo.train')
 
@@ -101,7 +101,7 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
         losses += loss.item() * n
         seen += n
         batches += 1
-        active_sum += sum(b.last_gate for b in blocks)
+        active_sum += active_blocks(blocks, n)
         if bar is not loader or (log_interval and (batch_idx % log_interval == 0 or batch_idx + 1 == steps)):
             elapsed = time.perf_counter() - start
             img_s, active = seen * world_size / elapsed, active_sum / batches

@@ -24,7 +24,7 @@ __all__ = [
     'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
     'check_model_sd_args',
     'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
-    'set_gate_seed', 'subset_keep_indices',
+    'set_gate_seed', 'subset_keep_indices', 'active_blocks',
 ]
 
 RULES = ('linear', 'uniform')
@@ -380,6 +380,13 @@ def set_gate_seed(model: nn.Module, seed: int, step: int = 0) -> None:
 
 
 @torch.no_grad()
+def active_blocks(blocks: List['StochasticResidual'], batch_size: int) -> float:
+    """How many blocks the last training step ran, in whole-batch units: a batch gate counts 0 or 1, a
+    subset block the fraction of samples it kept."""
+    return float(sum(len(b.last_keep) / batch_size if b.last_keep is not None else float(b.last_gate)
+                     for b in blocks))
+
+
 def fold_survival_scale(model: nn.Module) -> nn.Module:
     """Fold each block's eval scale into the last BN of its branch, in place.
 

@@ -53,3 +53,26 @@ def test_bench_runs_on_sd_resnet50(tmp_path):
     assert res['train']['num_blocks'] == 16 and res['train']['expected_active_blocks'] == pytest.approx(11.75)
     assert set(res['train']['stage_costs']['stage_share']) == {'layer1', 'layer2', 'layer3', 'layer4'}
     assert res['eval']['max_rel_output_diff'] < 1e-5  # folded SD == timm's own resnet50 with those weights
+
+
+def test_bench_data_section_on_real_images(tmp_path, capsys):
+    """Both loaders, both variants, end-to-end epochs over real files; the step ratio over the same gates."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / 'data' / 'train' / f'c{c}').mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / 'data' / 'train' / f'c{c}' / f'{i}.jpg')
+    out = tmp_path / 'bench.json'
+    assert main(['bench', '--skip', 'train', 'ddp', 'eval', 'memory', '--data-dir', str(tmp_path / 'data'),
+                 '--data-models', 'sd_resnet20', '--data-images', '32', '--batch-size', '8', '--data-workers', '0',
+                 '--json', str(out)]) == 0
+    assert 'sd_resnet20 memory / timm' in capsys.readouterr().out
+    m = json.loads(out.read_text())['data']['models']['sd_resnet20']
+    assert m['images_per_epoch'] == 32
+    for kind in ('timm', 'memory'):
+        assert set(m['epoch_s'][kind]) == {'constant', 'sd_batch'} and all(t > 0 for t in m['epoch_s'][kind].values())
+        assert m['epoch_ratio'][kind] > 0
+    assert m['step_ratio'] > 0 and m['memory_speedup']['constant'] > 0
