@@ -379,7 +379,6 @@ def set_gate_seed(model: nn.Module, seed: int, step: int = 0) -> None:
         block.gate_step = int(step)
 
 
-@torch.no_grad()
 def active_blocks(blocks: List['StochasticResidual'], batch_size: int) -> float:
     """How many blocks the last training step ran, in whole-batch units: a batch gate counts 0 or 1, a
     subset block the fraction of samples it kept."""
@@ -387,6 +386,7 @@ def active_blocks(blocks: List['StochasticResidual'], batch_size: int) -> float:
                      for b in blocks))
 
 
+@torch.no_grad()
 def fold_survival_scale(model: nn.Module) -> nn.Module:
     """Fold each block's eval scale into the last BN of its branch, in place.
 

@@ -149,7 +149,7 @@ def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
     shutil.copy(ROOT / 'hubconf.py', cached / 'hubconf.py')
     torch.hub.set_dir(str(hub_dir))
     try:
-        model = torch.hub.load('OWNER/sd-zoo:main', 'sd_resnet20', pretrained=True, hub_id=str(staged),
+        model = torch.hub.load('OWNER/sd-zoo:main', 'sd_resnet20', pretrained=True, hub_id=f'local-dir:{staged}',
                                trust_repo=True, skip_validation=True)
     finally:
         torch.hub.set_dir(str(tmp_path / 'unused'))
