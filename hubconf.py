@@ -5,7 +5,7 @@ arguments go to ``timm.create_model`` (``drop_path_rate``, ``sd_rule``, ``num_cl
 ``pretrained=True`` loads the weights that ship in the sd_zoo package where there are some (offline;
 ``sd_zoo.SHIPPED_WEIGHTS``), else published safetensors weights from the Hugging Face Hub
 (``hub_id='ORG/NAME'``, or the config's own hub id) through huggingface_hub: cached, verified, offline
-mode honoured. ``hub_id`` always means the Hub.
+mode honoured. ``hub_id`` always means the Hub; a folder is ``hub_id='local-dir:PATH'``.
 """
 dependencies = ['torch', 'timm']
 

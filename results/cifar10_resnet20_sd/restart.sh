@@ -1,0 +1,8 @@
+#!/bin/bash
+# sd_resnet20.cifar10 (issue 14). Restart with: bash /work/runs/START_sd_resnet20.sh resume
+cd /work/main
+export SD_ZOO_CACHE=/work/cache
+R=/work/runs/sd_resnet20_c10_sd
+if [[ ${1:-} == resume ]]; then extra=(--resume $R/last.pth.tar); else extra=(--output /work/runs --experiment sd_resnet20_c10_sd); fi
+nohup .venv/bin/sd-zoo train --config cifar10_resnet20_sd --dataset '' --data-dir /work/data/cifar10 --no-progress --log-interval 100 "${extra[@]}" >> /work/runs/sd_resnet20_c10_sd.log 2>&1 &
+echo started $!
