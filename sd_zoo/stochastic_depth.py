@@ -14,7 +14,7 @@ This module holds the mechanism shared by every sd-zoo model:
 * :func:`fold_survival_scale` - folds the eval scale into the branch's last BN (a plain ResNet);
 * :func:`compile_blocks` - ``torch.compile`` for the branches, so that gates never cause recompiles.
 """
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -418,7 +418,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     model); gates still change every step and a dropped branch is still skipped. In ``'subset'`` mode the
     branch's batch size changes every step: the gathered rows are marked dynamic, so a block shape costs
     a static full-batch graph, one dynamic-batch graph and at most a batch-of-1 one, not a graph per
-    subset size. Returns the model.
+    subset size. All blocks of a class share one code object, whose graphs count against Dynamo's
+    ``recompile_limit`` (8 by default): it is raised to what the compiled block shapes need, so that no block
+    silently falls back to eager. Returns the model.
     """
     key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
     for block in stochastic_blocks(model):
@@ -427,4 +429,17 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
         if fn is None:
             fn = _compiled_branches[(cls, key)] = torch.compile(cls.branch, **compile_kwargs)
         block.branch = fn.__get__(block)
+        _compiled_shapes.setdefault(cls, set()).add(tuple(tuple(p.shape) for p in block.parameters()))
+    _raise_recompile_limit()
     return model
+
+
+_compiled_shapes: Dict[type, Set[Tuple]] = {}
+GRAPHS_PER_BLOCK_SHAPE = 3  # static batch, dynamic batch (a smaller last batch, or subset mode), batch of 1
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo.config as dynamo_config
+    needed = max(len(shapes) for shapes in _compiled_shapes.values()) * GRAPHS_PER_BLOCK_SHAPE + 2
+    if dynamo_config.recompile_limit < needed:
+        dynamo_config.recompile_limit = needed

@@ -75,3 +75,21 @@ def test_compile_blocks_subset_bounded_graphs_over_varying_subset_sizes():
     graphs = counters['stats']['unique_graphs']
     # per block shape: a static full-batch graph, a dynamic-batch one, at most a batch-of-1 one
     assert 0 < graphs <= 6, f'{graphs} graphs for subset sizes {sorted(sizes)}'
+
+
+def test_compile_blocks_on_a_whole_subset_model_stays_compiled():
+    """sd_resnet20 has 5 block shapes, each needing up to 3 graphs in subset mode: more than Dynamo's default
+    recompile limit (8) for the one shared branch function. No block may fall back to eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_granularity='subset', sd_seed=4).train()
+    compile_blocks(model)
+    previous = torch._dynamo.config.fail_on_recompile_limit_hit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a fallback to eager is an error here
+    try:
+        x = torch.randn(4, 3, 16, 16)  # small batches: subsets of 1 sample come often
+        for _ in range(24):
+            model(x).sum().backward()
+    finally:
+        torch._dynamo.config.fail_on_recompile_limit_hit = previous
+    assert counters['stats']['unique_graphs'] > 8  # the default limit would have been hit
