@@ -26,7 +26,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert all(v['steps'] == 2 and v['median_s'] > 0 for v in train['variants'].values())
     assert 0 < train['stem_head_share'] < 1 and 0 < train['limit_ratio'] < 1
     assert res['ddp']['find_unused_parameters'] is False and res['ddp']['world_size'] == 2
-    assert set(res['ddp']['variants']) == {'sd_batch', 'constant'}
+    assert set(res['ddp']['variants']) == {'sd_batch', 'sd_subset', 'constant'}
     assert res['eval']['max_rel_output_diff'] < 1e-5  # folded SD and the plain ResNet compute the same
     assert res['eval']['ratio'] > 0
     for variant in ('constant', 'sd_batch'):
@@ -34,6 +34,9 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert 0 < res['memory']['saved_activations_ratio'] <= 1.0  # skipped blocks save no activations
     comp = res['compile']
     assert comp['compiled_graphs'] >= 1 and comp['steps'] == 4
+    assert set(comp['graphs_per_variant']) == {'sd_batch', 'sd_subset', 'constant'}
+    assert comp['compiled_graphs'] == sum(comp['graphs_per_variant'].values()) and comp['ratio_subset'] > 0
+    assert 'subset / constant (compiled)' in printed
     assert all(math.isfinite(v['median_s']) for v in comp['variants'].values())
 
 
