@@ -14,6 +14,13 @@ PAPER_ERROR = {  # Table 1 of the paper, test error % (constant depth, stochasti
     ('sd_resnet1202', 'cifar10'): (6.67, 4.91), ('sd_resnet152_cifar', 'svhn'): (1.80, 1.75),
     ('sd_resnet152', 'in1k'): (21.78, 21.98),
 }
+# Constant-depth weights a user would compare against (top-1 % on the original CIFAR-10 test set)
+ANCHORS = {
+    ('sd_resnet20', 'cifar10'): (('He et al. 2016, ResNet-20 (64k iterations, about 164 epochs)', 91.25),
+                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet20 (torch.hub)", 92.60)),
+    ('sd_resnet56', 'cifar10'): (('He et al. 2016, ResNet-56 (64k iterations, about 164 epochs)', 93.03),
+                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet56 (torch.hub)", 94.37)),
+}
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'in1k': 'ImageNet-1k'}
 HUB_DATASETS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn', 'in1k': 'imagenet-1k'}
 CITATION = """@inproceedings{huang2016deep,
@@ -73,6 +80,7 @@ def model_card(model, *, repo_id: str, arch: str, tag: str, checkpoint_name: str
     lines += _model_lines(model, arch, tag, checkpoint_name, use_ema)
     lines += _training_lines(args, times, train_note)
     lines += _results_lines(arch, tag, results, data_note)
+    lines += anchor_lines(arch, tag, results)
     if comparison:
         lines += comparison_lines(comparison, results, times)
     if plots:
@@ -131,6 +139,18 @@ def _results_lines(arch: str, tag: str, results: Optional[Dict[str, Any]], data_
              f'{results["top1_err"]:.2f} | {results["top5"]:.2f} | '
              f'{f"{paper[0]} -> {paper[1]}" if paper else "n/a"} |', '']
     return lines + ([data_note, ''] if data_note else [])
+
+
+def anchor_lines(arch: str, tag: str, results: Optional[Dict[str, Any]]) -> List[str]:
+    """This model beside the published constant-depth weights of the same architecture."""
+    anchors = ANCHORS.get((arch, tag))
+    if not anchors or not results:
+        return []
+    lines = ['## Against published weights', '', '| weights | test top-1 | this model minus it |', '|---|---|---|',
+             f'| this model ({results["split"]}, {results["images"]} images) | {results["top1"]:.2f} | |']
+    lines += [f'| {name} | {top1:.2f} | {results["top1"] - top1:+.2f} |' for name, top1 in anchors]
+    return lines + ['', 'The published numbers are on the original lossless test images, with longer schedules; '
+                        'see the results\' note on the test images used here.', '']
 
 
 def comparison_lines(comparison: Dict[str, Any], results, times) -> List[str]:

@@ -233,6 +233,9 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     assert 'Training time saved by stochastic depth:' in card and 'median epoch wall time' in card
 
     assert 'trained with stochastic depth on CIFAR-10' in card and '- stochastic depth: p_L = 0.5' in card
+    # beside the published ResNet-20 weights, with the difference in points
+    assert '## Against published weights' in card
+    assert f'| 91.25 | {result["results"]["top1"] - 91.25:+.2f} |' in card and '| 92.60 |' in card
     # the twin's own card says what it is
     publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'constant')])
     constant_card = (tmp_path / 'constant' / 'README.md').read_text()
