@@ -121,12 +121,17 @@ def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], tra
     if not args:
         return []
     lines = ['## Training', '', '| setting | value |', '|---|---|',
-             *[f'| {k} | {args[k]} |' for k in RECIPE_KEYS if args.get(k) not in (None, '')]]
+             *[f'| {k} | {args[k]} |' for k in RECIPE_KEYS if args.get(k) not in (None, '') and _applies(k, args)]]
     if times is not None:
         lines.append(f'| wall-clock training time | {times["total_s"] / 3600:.2f} h over {times["epochs"]} '
                      f'epochs (median epoch {times["median_epoch_s"]:.1f} s) |')
     lines.append('')
     return lines + ([train_note, ''] if train_note else [])
+
+
+def _applies(key: str, args: Dict[str, Any]) -> bool:
+    """timm's args.yaml holds every default: milestones only mean something to a step schedule."""
+    return key != 'decay_milestones' or args.get('sched') in ('step', 'multistep')
 
 
 def _results_lines(arch: str, tag: str, results: Optional[Dict[str, Any]], data_note: str) -> List[str]:

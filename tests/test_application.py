@@ -138,3 +138,10 @@ def test_public_timm_helpers_we_rely_on():
     from timm.models._features import feature_take_indices  # noqa: F401  (sd_resnet_cifar: forward_intermediates)
     from timm.data.readers.reader_image_folder import ReaderImageFolder
     assert {'samples', 'class_to_idx'} <= set(ReaderImageFolder.__init__.__code__.co_names)  # data.py reads both
+
+
+def test_card_lists_milestones_only_for_step_schedules():
+    from sd_zoo.card import _training_lines
+    recipe = dict(epochs=50, decay_milestones=[250, 375])  # timm's args.yaml holds the default milestones
+    assert '| decay_milestones | [250, 375] |' in _training_lines(dict(recipe, sched='multistep'), None, '')
+    assert not any('decay_milestones' in line for line in _training_lines(dict(recipe, sched='cosine'), None, ''))
