@@ -485,7 +485,9 @@ def choose_loader(loader: str, *, data_config: Dict[str, Any], aug: Augmentation
 
 
 def _split_parts(n: int, *, val_holdout: int, train_subset: int, val_subset: int, seed: int):
-    order = random_indices(n, n, seed)
+    """Training and held-out indices. The holdout is a random draw: splits list their images class by class,
+    so the first ``val_holdout`` in file order would be whole classes missing from training."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     if val_holdout and not 0 < val_holdout < n:
         raise ValueError(f'--val-holdout {val_holdout} must be between 1 and {n - 1} (training set size)')
     val_idx, train_idx = (order[:val_holdout][:val_subset or None], order[val_holdout:]) if val_holdout \

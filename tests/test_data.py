@@ -193,6 +193,20 @@ def test_holdout_is_disjoint_and_sized():
         sd_data._split_parts(1000, val_holdout=1000, train_subset=0, val_subset=0, seed=4)
 
 
+@pytest.mark.parametrize('loader', ['memory', 'timm'])
+def test_holdout_is_drawn_from_every_class(tmp_path, cache, loader):
+    """Files come class by class: a holdout taken in file order would remove whole classes from training."""
+    root = _image_folder(tmp_path / 'data', splits=('train',), classes=tuple(f'c{i}' for i in range(6)),
+                         per_class=10)
+    loaders = build_loaders(DataSource(root=str(root)), data_config=dict(CIFAR_CFG, input_size=(3, 8, 8)),
+                            train_split='train', val_split=None, test_split=None, batch_size=4, eval_batch_size=4,
+                            aug=Augmentation(cifar_aug=True), loader=loader, val_holdout=12, workers=0, seed=1)
+    held_out = torch.cat([y for _, y in loaders.val])
+    trained = torch.cat([y for _, y in loaders.train])
+    assert len(held_out) == 12 and len(set(held_out.tolist())) >= 4, held_out.tolist()
+    assert set(trained.tolist()) == set(range(6))
+
+
 def test_loader_choice():
     assert sd_data.choose_loader('auto', data_config=CIFAR_CFG, aug=Augmentation(cifar_aug=True)) == 'memory'
     assert sd_data.choose_loader('auto', data_config=CIFAR_CFG, aug=Augmentation()) == 'timm'
