@@ -86,7 +86,9 @@ def test_shipped_weights_load_offline_through_timm_local_dir_and_torch_hub(tmp_p
     for source, value in logits.items():
         assert torch.equal(value, expected), source
     # trained weights: eval scales stored in the weights are the schedule's, and the BN statistics are real
-    assert torch.allclose(reference.layer3[-1].eval_scale, torch.tensor(0.5))
+    config = json.loads((sd_zoo.shipped_weights_dir(NAME) / 'config.json').read_text())
+    p_last = 1.0 - config['model_args']['drop_path_rate']
+    assert p_last < 1.0 and torch.allclose(reference.layer3[-1].eval_scale, torch.tensor(p_last))
     assert reference.bn1.running_var.mean() != 1.0
 
 
