@@ -7,6 +7,7 @@ by validating the exported files) and plots. Pushing: one atomic commit through 
 user's token; a failure leaves the staged folder as it was, and publishing again updates the repo.
 """
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -90,21 +91,31 @@ def _tag_for(model: torch.nn.Module, args: Dict[str, Any], tag: Optional[str]) -
 
 
 def prepare_out_dir(out_dir: str) -> Path:
-    """An empty or new folder, or one that holds only files sd-zoo stages (those are replaced). Anything
-    else in it is the user's: refuse rather than delete it."""
+    """An empty or new folder, or an earlier staging by sd-zoo (its files are replaced). Anything else in it is
+    the user's, even under a name sd-zoo stages (a README.md of their own): refuse rather than delete it."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f'--out {out_dir!r} is a file, not a folder')
-    if out.is_dir():
+    if out.is_dir() and any(out.iterdir()):
         foreign = sorted(p.name for p in out.iterdir() if p.name not in STAGED_FILES)
-        if foreign:
-            shown = ', '.join(foreign[:5]) + (', ...' if len(foreign) > 5 else '')
+        if foreign or not _is_earlier_staging(out):
+            shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
             raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
                              f'new folder')
         for p in out.iterdir():
-            p.unlink()  # only the files of an earlier staging (STAGED_FILES)
+            p.unlink()  # an earlier staging's files only (checked above)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _is_earlier_staging(out: Path) -> bool:
+    """sd-zoo's staging writes config.json naming an sd-zoo architecture; without it, the files are not ours."""
+    import timm
+    try:
+        arch = json.loads((out / 'config.json').read_text())['architecture']
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(arch, str) and arch.startswith('sd_') and timm.is_model(arch)
 
 
 def _check_export(out: Path, model: torch.nn.Module) -> None:

@@ -245,3 +245,16 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     with pytest.raises(ValueError, match='trained with drop_path 0.5: the baseline must be the constant-depth twin'):
         publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'x'),
                       '--baseline', str(run_dir)])
+
+
+def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
+    from sd_zoo.publishing import prepare_out_dir
+    own = tmp_path / 'mine'
+    own.mkdir()
+    (own / 'README.md').write_text('my notes')  # a name sd-zoo stages, but not sd-zoo's file
+    with pytest.raises(ValueError, match=r"holds files that sd-zoo did not stage \(README.md\)"):
+        prepare_out_dir(str(own))
+    assert (own / 'README.md').read_text() == 'my notes'
+    # an earlier staging (config.json naming an sd-zoo architecture) is replaced
+    (own / 'config.json').write_text(json.dumps({'architecture': 'sd_resnet20'}))
+    assert prepare_out_dir(str(own)) == own and not any(own.iterdir())
