@@ -20,7 +20,6 @@ __all__ = ['HubTimeout', 'bounded_hub', 'hub_timeout']
 
 DEFAULT_TIMEOUT_S = 30.0
 _TIMEOUT_KEYS = ('connect', 'read', 'write', 'pool')
-_active = threading.local()
 
 
 class HubTimeout(Exception):
@@ -100,24 +99,39 @@ def _client_factory(clock: _Clock):
     return factory
 
 
+class _Shared:
+    """The one bounded client factory in place while any thread is inside :func:`bounded_hub`.
+
+    huggingface_hub has one client factory and one client for the whole process, and setting a factory closes
+    the client another thread may be using. So the first block to enter (in any thread) installs the factory
+    and the last to leave restores the one in place before; blocks open at the same time share one clock,
+    which is also what huggingface_hub's own worker threads (parallel downloads, uploads) use."""
+
+    lock = threading.Lock()
+    users = 0
+    clock: Optional[_Clock] = None
+    previous = None
+
+
 @contextmanager
 def bounded_hub(seconds: Optional[float] = None) -> Iterator[None]:
     """huggingface_hub calls inside this block give up after ``seconds`` (default :func:`hub_timeout`)
-    without an answer from the Hub. The client factory in place before is restored afterwards."""
-    if getattr(_active, 'depth', 0):
-        _active.depth += 1
-        try:
-            yield
-        finally:
-            _active.depth -= 1
-        return
+    without an answer from the Hub. Nested and concurrent blocks share the outermost block's clock; the
+    client factory in place before is restored when the last block in the process ends (thread-safe)."""
+    seconds = seconds or hub_timeout()
     from huggingface_hub import set_client_factory
     from huggingface_hub.utils import _http
-    previous = getattr(_http, '_GLOBAL_CLIENT_FACTORY', None) or getattr(_http, 'default_client_factory')
-    set_client_factory(_client_factory(_Clock(seconds or hub_timeout())))
-    _active.depth = 1
+    with _Shared.lock:
+        if _Shared.users == 0:
+            _Shared.previous = getattr(_http, '_GLOBAL_CLIENT_FACTORY', None) or _http.default_client_factory
+            _Shared.clock = _Clock(seconds)
+            set_client_factory(_client_factory(_Shared.clock))
+        _Shared.users += 1
     try:
         yield
     finally:
-        _active.depth = 0
-        set_client_factory(previous)
+        with _Shared.lock:
+            _Shared.users -= 1
+            if _Shared.users == 0:
+                set_client_factory(_Shared.previous)
+                _Shared.clock = _Shared.previous = None

@@ -1,0 +1,99 @@
+"""bounded_hub from several threads: huggingface_hub has one client factory and one client per process."""
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from huggingface_hub.utils import _http, get_session
+
+from sd_zoo.network import HubTimeout, bounded_hub
+
+
+def _factory():
+    return getattr(_http, '_GLOBAL_CLIENT_FACTORY', None)
+
+
+def test_overlapping_blocks_in_two_threads_keep_the_client_and_restore_the_factory():
+    """Thread A enters, B enters, A leaves while B is still inside, B leaves. B must stay bounded after A
+    leaves, with the same open client; afterwards the factory from before is back (not A's or B's)."""
+    before = _factory()
+    a_inside, b_inside, a_left, b_may_leave = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def thread_a():
+        with bounded_hub(5):
+            a_inside.set()
+            b_inside.wait(10)
+            seen['client_while_both'] = get_session()
+        a_left.set()
+
+    def thread_b():
+        a_inside.wait(10)
+        with bounded_hub(5):
+            seen['factory_while_b'] = _factory()
+            b_inside.set()
+            a_left.wait(10)
+            seen['factory_after_a_left'] = _factory()
+            seen['client_after_a_left'] = get_session()
+            seen['closed_after_a_left'] = seen['client_after_a_left'].is_closed
+            b_may_leave.wait(10)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    a_left.wait(10)
+    b_may_leave.set()
+    for t in threads:
+        t.join(20)
+    assert seen['factory_while_b'] is not before
+    assert seen['factory_after_a_left'] is seen['factory_while_b']  # A leaving did not unbind B
+    assert seen['client_after_a_left'] is seen['client_while_both']  # nor close the client B was using
+    assert not seen['closed_after_a_left']
+    assert _factory() is before
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A port that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(('127.0.0.1', 0))
+    srv.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(srv.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f'http://127.0.0.1:{srv.getsockname()[1]}'
+    stop.set()
+    t.join(5)
+    for c in accepted:
+        c.close()
+    srv.close()
+
+
+def test_requests_from_worker_threads_inside_a_block_are_bounded(silent_endpoint):
+    """huggingface_hub downloads and uploads files from its own worker threads: they are bounded too."""
+    def fetch(_):
+        start = time.monotonic()
+        with pytest.raises(Exception) as info:
+            for _ in range(3):  # a retry loop like huggingface_hub's: the clock runs out, then HubTimeout
+                try:
+                    get_session().get(silent_endpoint + '/api/models/x')
+                except HubTimeout:
+                    raise
+                except Exception:
+                    continue
+        return info.type, time.monotonic() - start
+
+    with bounded_hub(1.5):
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(fetch, range(2)))
+    assert all(kind is HubTimeout and elapsed < 10 for kind, elapsed in results), results
