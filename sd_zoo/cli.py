@@ -5,6 +5,7 @@
     sd-zoo validate ...   top-1/top-5/loss on a dataset split (sd_zoo.evaluation)
     sd-zoo publish ...    a run or checkpoint to the Hugging Face Hub (sd_zoo.publishing)
     sd-zoo recipes        the training recipes that ship with sd-zoo (sd_zoo.recipes)
+    sd-zoo cache          the in-memory loader's decoded-images cache, and pruning it (sd_zoo.cache)
 """
 import argparse
 import sys
@@ -16,6 +17,7 @@ COMMANDS = {
     'validate': ('sd_zoo.evaluation', 'evaluate a model, checkpoint, hf-hub: or local-dir: on a dataset split'),
     'publish': ('sd_zoo.publishing', 'stage a training run as a Hub repository and push it in one commit'),
     'recipes': ('sd_zoo.recipes', 'list the training recipes that ship with sd-zoo (--path NAME: its file)'),
+    'cache': ('sd_zoo.cache', 'list the decoded-images cache (--prune: remove stale entries, --clear: all)'),
 }
 
 

@@ -276,6 +276,12 @@ def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence
     return h.hexdigest()[:32]
 
 
+def folder_cache_key(root: str, mode: str = 'RGB') -> str:
+    """The cache key the in-memory loader gives the split folder ``root`` as it is now."""
+    ds = StrictImageDataset(root, input_img_mode=mode)
+    return _folder_key(ds.reader.samples, ds.reader.root, list(ds.reader.class_to_idx), mode)
+
+
 def _decode_file(path: str, mode: str = 'RGB'):
     """(H, W, C) uint8, converted like timm's ImageDataset does (``img.convert(mode)``); an unreadable
     file is an error naming it."""
@@ -332,7 +338,8 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f'{path}.{os.getpid()}.tmp'
         save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
-                  metadata={'root': os.path.abspath(ds.reader.root), 'classes': json.dumps(decoded.classes)})
+                  metadata={'root': os.path.abspath(ds.reader.root), 'classes': json.dumps(decoded.classes),
+                            'mode': source.img_mode})
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     return decoded
 

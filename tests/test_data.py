@@ -239,3 +239,38 @@ def test_resume_continues_the_exact_batch_sequence(tmp_path, cache):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     one_epoch = timm.models.load_state_dict(str(split / 'checkpoint-0.pth.tar'))
     assert not torch.equal(one_epoch['fc.weight'], b['fc.weight'])  # the second epoch did train
+
+
+def test_cache_command_lists_prunes_stale_entries_and_keeps_other_files(tmp_path, cache, capsys):
+    from sd_zoo.cli import main
+    root = _image_folder(tmp_path / 'data')
+    source = DataSource(root=str(root))
+    decode_split(source, 'train')
+    decode_split(source, 'test')
+    assert main(['cache']) == 0
+    listing = capsys.readouterr().out
+    assert '2 entries' in listing and listing.count('(current)') == 2 and str(root / 'train') in listing
+
+    changed = root / 'train' / 'cat' / '1.png'  # the train split changes: its old entry is stale
+    os.utime(changed, ns=(1, 10 ** 18))
+    old_train = {p.name for p in cache.glob('*.safetensors')}
+    decode_split(source, 'train')
+    new_train = {p.name for p in cache.glob('*.safetensors')} - old_train
+    (root / 'test' / 'frog' / '0.png').unlink()  # the test split changes too, and is not decoded again
+    user_file = cache / 'notes.txt'
+    user_file.write_text('mine')
+    dead_writer = cache / f'{"0" * 32}.safetensors.999999999.tmp'
+    dead_writer.write_bytes(b'partial')
+    assert main(['cache']) == 0
+    listing = capsys.readouterr().out
+    assert '3 entries' in listing and listing.count('(current)') == 1 and listing.count('stale: folder') == 2
+
+    assert main(['cache', '--prune']) == 0
+    assert 'removed 3 file(s)' in capsys.readouterr().out
+    assert {p.name for p in cache.glob('*.safetensors')} == new_train
+    assert user_file.read_text() == 'mine' and not dead_writer.exists()
+
+    assert main(['cache', '--clear']) == 0
+    assert list(cache.glob('*.safetensors')) == [] and user_file.exists()
+    with pytest.raises(SystemExit):  # argparse: not allowed together
+        main(['cache', '--prune', '--clear'])
