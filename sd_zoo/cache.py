@@ -60,7 +60,8 @@ def cache_entries(directory: Optional[str] = None) -> List[CacheEntry]:
     if not os.path.isdir(directory):
         return []
     names = sorted(os.listdir(directory), key=lambda n: os.path.getmtime(os.path.join(directory, n)))
-    return [_describe(os.path.join(directory, n), m.group(1)) for n in names if (m := _ENTRY.match(n))]
+    return [_describe(os.path.join(directory, n), m.group(1)) for n in names
+            if (m := _ENTRY.match(n)) and os.path.isfile(os.path.join(directory, n))]
 
 
 def _pid_running(pid: int) -> bool:
@@ -80,7 +81,8 @@ def remove_cache_entries(*, stale_only: bool = True, directory: Optional[str] = 
     removed = [e.path for e in cache_entries(directory) if e.stale or not stale_only]
     if os.path.isdir(directory):
         removed += [os.path.join(directory, n) for n in sorted(os.listdir(directory))
-                    if (m := _PARTIAL.match(n)) and not _pid_running(int(m.group(1)))]
+                    if (m := _PARTIAL.match(n)) and not _pid_running(int(m.group(1)))
+                    and os.path.isfile(os.path.join(directory, n))]
     for path in removed:
         os.remove(path)
     return removed
