@@ -5,10 +5,14 @@ forever on a Hub that accepts the connection and never answers, and a download t
 cache retries for minutes. While sd-zoo talks to the Hub (:func:`bounded_hub`), huggingface_hub uses a client
 that gives up after ``SD_ZOO_HUB_TIMEOUT`` seconds (default 30) without an answer:
 
-* every request's connect, read and write timeouts are capped by what is left of that time;
-* any response from the Hub restarts the clock (so a long upload or download that makes progress runs on);
+* the clock starts at a thread's first request after the Hub last answered it, and every request's connect,
+  read and write timeouts are capped by what is left of that time;
+* any response from the Hub stops the clock (so time spent between requests, and a long upload or
+  download that makes progress, never count);
 * once the time is spent, the next request (a retry) fails at once with :class:`HubTimeout`, which no retry
   loop of huggingface_hub catches.
+
+Each thread has its own clock, so one thread's silence or answers never decide for another.
 """
 import os
 import threading
@@ -39,26 +43,31 @@ def hub_timeout() -> float:
 
 
 class _Clock:
-    """Time left without an answer from the Hub, shared by every client of one :func:`bounded_hub` block
-    (huggingface_hub replaces its client after a connection error)."""
+    """Time left without an answer from the Hub, per thread, for every client made while a
+    :func:`bounded_hub` block is open (huggingface_hub replaces its client after a connection error)."""
 
     def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.deadline: Optional[float] = None
-        self.last_error = ''
+        self.seconds = seconds  # for threads that opened no block themselves (huggingface_hub's workers)
+        self._local = threading.local()
 
     def left(self, where: str) -> float:
-        now = time.monotonic()
-        if self.deadline is None:
-            self.deadline = now + self.seconds
-        left = self.deadline - now
+        local, now = self._local, time.monotonic()
+        seconds = getattr(_thread, 'seconds', None) or self.seconds
+        if getattr(local, 'deadline', None) is None:
+            local.deadline, local.last_error = now + seconds, ''
+        left = local.deadline - now
         if left <= 0:
-            raise HubTimeout(f'the Hub at {where} gave no answer in {self.seconds:g} s (SD_ZOO_HUB_TIMEOUT)'
-                             + (f'; last error: {self.last_error}' if self.last_error else ''))
+            local.deadline = None  # a later call (after the caller handled this) starts a new wait
+            raise HubTimeout(f'the Hub at {where} gave no answer in {seconds:g} s (SD_ZOO_HUB_TIMEOUT)'
+                             + (f'; last error: {local.last_error}' if local.last_error else ''))
         return left
 
+    def failed(self, error: BaseException) -> None:
+        self._local.last_error = f'{type(error).__name__}: {str(error).splitlines()[0][:120]}' if str(error) \
+            else type(error).__name__
+
     def answered(self) -> None:
-        self.deadline = time.monotonic() + self.seconds
+        self._local.deadline = None
 
 
 def _bounded_transport(clock: _Clock):
@@ -77,8 +86,7 @@ def _bounded_transport(clock: _Clock):
             try:
                 response = self.inner.handle_request(request)
             except Exception as e:
-                clock.last_error = f'{type(e).__name__}: {str(e).splitlines()[0][:120]}' if str(e) else \
-                    type(e).__name__
+                clock.failed(e)
                 raise
             clock.answered()
             return response
@@ -104,34 +112,38 @@ class _Shared:
 
     huggingface_hub has one client factory and one client for the whole process, and setting a factory closes
     the client another thread may be using. So the first block to enter (in any thread) installs the factory
-    and the last to leave restores the one in place before; blocks open at the same time share one clock,
-    which is also what huggingface_hub's own worker threads (parallel downloads, uploads) use."""
+    and the last to leave restores the one in place before. huggingface_hub's own worker threads (parallel
+    downloads, uploads) use the same client, so they are bounded too."""
 
     lock = threading.Lock()
     users = 0
-    clock: Optional[_Clock] = None
     previous = None
+
+
+_thread = threading.local()  # the ``seconds`` of the innermost block this thread opened
 
 
 @contextmanager
 def bounded_hub(seconds: Optional[float] = None) -> Iterator[None]:
     """huggingface_hub calls inside this block give up after ``seconds`` (default :func:`hub_timeout`)
-    without an answer from the Hub. Nested and concurrent blocks share the outermost block's clock; the
-    client factory in place before is restored when the last block in the process ends (thread-safe)."""
+    without an answer from the Hub. Thread-safe: the client factory in place before is restored when the last
+    block open in the process ends; threads that open no block themselves use the first block's ``seconds``."""
     seconds = seconds or hub_timeout()
     from huggingface_hub import set_client_factory
     from huggingface_hub.utils import _http
+    outer_seconds = getattr(_thread, 'seconds', None)
     with _Shared.lock:
         if _Shared.users == 0:
             _Shared.previous = getattr(_http, '_GLOBAL_CLIENT_FACTORY', None) or _http.default_client_factory
-            _Shared.clock = _Clock(seconds)
-            set_client_factory(_client_factory(_Shared.clock))
+            set_client_factory(_client_factory(_Clock(seconds)))
         _Shared.users += 1
+    _thread.seconds = seconds
     try:
         yield
     finally:
+        _thread.seconds = outer_seconds
         with _Shared.lock:
             _Shared.users -= 1
             if _Shared.users == 0:
-                set_client_factory(_Shared.previous)
-                _Shared.clock = _Shared.previous = None
+                previous, _Shared.previous = _Shared.previous, None
+                set_client_factory(previous)

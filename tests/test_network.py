@@ -1,4 +1,5 @@
 """bounded_hub from several threads: huggingface_hub has one client factory and one client per process."""
+import http.server
 import socket
 import threading
 import time
@@ -46,6 +47,7 @@ def test_overlapping_blocks_in_two_threads_keep_the_client_and_restore_the_facto
     b_may_leave.set()
     for t in threads:
         t.join(20)
+    assert not any(t.is_alive() for t in threads) and len(seen) == 5, seen
     assert seen['factory_while_b'] is not before
     assert seen['factory_after_a_left'] is seen['factory_while_b']  # A leaving did not unbind B
     assert seen['client_after_a_left'] is seen['client_while_both']  # nor close the client B was using
@@ -97,3 +99,63 @@ def test_requests_from_worker_threads_inside_a_block_are_bounded(silent_endpoint
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(fetch, range(2)))
     assert all(kind is HubTimeout and elapsed < 10 for kind, elapsed in results), results
+
+
+@pytest.fixture
+def answering_endpoint():
+    """A loopback HTTP server that answers every GET at once."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header('Content-Length', '2')
+            self.end_headers()
+            self.wfile.write(b'{}')
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_time_between_answered_requests_is_not_silence(answering_endpoint):
+    """The clock runs only while a request waits: work between requests (hashing files to upload, evaluating)
+    never turns the next request into a HubTimeout."""
+    with bounded_hub(0.5):
+        assert get_session().get(answering_endpoint + '/a').status_code == 200
+        time.sleep(1.0)
+        assert get_session().get(answering_endpoint + '/b').status_code == 200
+
+
+def test_each_thread_waits_its_own_seconds(silent_endpoint, answering_endpoint):
+    """A block opened first with a long timeout does not lengthen another thread's short one, and one thread's
+    silent Hub does not fail another thread's requests."""
+    long_open, done = threading.Event(), threading.Event()
+    outcome = {}
+
+    def long_block():
+        with bounded_hub(30):
+            long_open.set()
+            done.wait(20)
+            outcome['long'] = get_session().get(answering_endpoint + '/ok').status_code
+
+    t = threading.Thread(target=long_block)
+    t.start()
+    long_open.wait(10)
+    start = time.monotonic()
+    with bounded_hub(1):
+        with pytest.raises(HubTimeout):
+            for _ in range(5):
+                try:
+                    get_session().get(silent_endpoint + '/x')
+                except HubTimeout:
+                    raise
+                except Exception:
+                    continue
+    elapsed = time.monotonic() - start
+    done.set()
+    t.join(20)
+    assert not t.is_alive() and elapsed < 5 and outcome['long'] == 200, (elapsed, outcome)
