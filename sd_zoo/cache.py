@@ -8,21 +8,25 @@ deleted folder leaves its old file behind (a CIFAR-10 training split is 154 MB),
     sd-zoo cache --prune    remove the entries whose folder is gone or has changed (stale)
     sd-zoo cache --clear    remove every entry
 
-Only files named like the cache's own (``<32 hex digits>.safetensors``, and the ``.tmp`` files of writers
-that are no longer running) are ever removed.
+Only the cache's own files are ever removed: ``<32 hex digits>.safetensors`` files that carry the cache's
+metadata (or cannot be read at all: the loader would decode again and replace them), and the partial
+``.tmp`` files of writers that stopped an hour or more ago.
 """
 import argparse
 import os
 import re
+import stat
+import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .data import cache_dir, folder_cache_key
 
 __all__ = ['CacheEntry', 'cache_entries', 'remove_cache_entries']
 
 _ENTRY = re.compile(r'^([0-9a-f]{32})\.safetensors$')
-_PARTIAL = re.compile(r'^[0-9a-f]{32}\.safetensors\.(\d+)\.tmp$')
+_PARTIAL = re.compile(r'^[0-9a-f]{32}\.safetensors\.\d+\.tmp$')
+PARTIAL_AGE_S = 3600  # a writer rewrites its .tmp file in seconds; one this old belongs to a killed writer
 
 
 @dataclass
@@ -35,56 +39,65 @@ class CacheEntry:
     reason: str = ''
 
 
-def _describe(path: str, key: str) -> CacheEntry:
+def _describe(path: str, key: str) -> Optional[CacheEntry]:
+    """The entry at ``path``; None when it is gone or is a safetensors file that is not the cache's."""
     from safetensors import safe_open
-    size = os.path.getsize(path)
     try:
+        size = os.stat(path).st_size
         with safe_open(path, 'pt') as f:
             meta = f.metadata() or {}
-            images = f.get_slice('labels').get_shape()[0]
+            images = f.get_slice('labels').get_shape()[0] if 'labels' in f.keys() else 0
+    except FileNotFoundError:
+        return None
     except Exception as e:  # a damaged file is never read again by the loader either
         return CacheEntry(path, size, '', 0, True, f'unreadable ({type(e).__name__})')
-    root = meta.get('root', '')
-    if not root or not os.path.isdir(root):
+    if 'root' not in meta or 'classes' not in meta:
+        return None
+    root = meta['root']
+    if not os.path.isdir(root):
         return CacheEntry(path, size, root, images, True, 'folder gone')
     try:
         current = folder_cache_key(root, meta.get('mode', 'RGB'))
     except Exception as e:
         return CacheEntry(path, size, root, images, True, f'folder unreadable ({type(e).__name__})')
-    return CacheEntry(path, size, root, images, current != key, 'folder or cache format changed' if current != key else '')
+    stale = current != key
+    return CacheEntry(path, size, root, images, stale, 'folder or cache format changed' if stale else '')
+
+
+def _files(directory: str, pattern: 're.Pattern') -> List[Tuple[str, os.stat_result]]:
+    """(path, stat) of the plain files in ``directory`` whose names match, oldest first."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if pattern.match(name):
+            try:
+                st = os.lstat(os.path.join(directory, name))
+            except FileNotFoundError:  # removed meanwhile (another prune, a writer's rename)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((os.path.join(directory, name), st))
+    return sorted(found, key=lambda f: f[1].st_mtime)
 
 
 def cache_entries(directory: Optional[str] = None) -> List[CacheEntry]:
     """The cache's entries, oldest first."""
-    directory = directory or cache_dir()
-    if not os.path.isdir(directory):
-        return []
-    names = sorted(os.listdir(directory), key=lambda n: os.path.getmtime(os.path.join(directory, n)))
-    return [_describe(os.path.join(directory, n), m.group(1)) for n in names
-            if (m := _ENTRY.match(n)) and os.path.isfile(os.path.join(directory, n))]
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    entries = (_describe(path, os.path.basename(path)[:32]) for path, _ in _files(directory or cache_dir(), _ENTRY))
+    return [e for e in entries if e is not None]
 
 
 def remove_cache_entries(*, stale_only: bool = True, directory: Optional[str] = None) -> List[str]:
-    """Remove stale entries (or all with ``stale_only=False``) and the partial files of writers that are
-    no longer running. Returns the removed paths."""
+    """Remove stale entries (or all with ``stale_only=False``) and the partial files of writers that stopped
+    :data:`PARTIAL_AGE_S` or more ago. Returns the removed paths."""
     directory = directory or cache_dir()
-    removed = [e.path for e in cache_entries(directory) if e.stale or not stale_only]
-    if os.path.isdir(directory):
-        removed += [os.path.join(directory, n) for n in sorted(os.listdir(directory))
-                    if (m := _PARTIAL.match(n)) and not _pid_running(int(m.group(1)))
-                    and os.path.isfile(os.path.join(directory, n))]
-    for path in removed:
-        os.remove(path)
+    doomed = [e.path for e in cache_entries(directory) if e.stale or not stale_only]
+    now = time.time()
+    doomed += [path for path, st in _files(directory, _PARTIAL) if now - st.st_mtime >= PARTIAL_AGE_S]
+    removed = []
+    for path in doomed:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:  # removed meanwhile
+            pass
     return removed
 
 

@@ -340,7 +340,10 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
                   metadata={'root': os.path.abspath(ds.reader.root), 'classes': json.dumps(decoded.classes),
                             'mode': source.img_mode})
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        try:
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except FileNotFoundError:  # removed meanwhile (sd-zoo cache --clear): train on without caching
+            _logger.warning(f'could not cache the decoded images at {path}: the partial file was removed')
     return decoded
 
 

@@ -259,18 +259,27 @@ def test_cache_command_lists_prunes_stale_entries_and_keeps_other_files(tmp_path
     (root / 'test' / 'frog' / '0.png').unlink()  # the test split changes too, and is not decoded again
     user_file = cache / 'notes.txt'
     user_file.write_text('mine')
-    dead_writer = cache / f'{"0" * 32}.safetensors.999999999.tmp'
+    dead_writer = cache / f'{"0" * 32}.safetensors.12345.tmp'
     dead_writer.write_bytes(b'partial')
+    os.utime(dead_writer, (0, 0))  # untouched for decades: its writer is gone
+    live_writer = cache / f'{"1" * 32}.safetensors.12346.tmp'
+    live_writer.write_bytes(b'partial')
+    from safetensors.torch import save_file
+    foreign = cache / f'{"2" * 32}.safetensors'  # a safetensors file without the cache's metadata
+    save_file({'w': torch.zeros(1)}, str(foreign))
+    (cache / f'{"3" * 32}.safetensors').symlink_to(tmp_path / 'nowhere')  # dangling
     assert main(['cache']) == 0
     listing = capsys.readouterr().out
     assert '3 entries' in listing and listing.count('(current)') == 1 and listing.count('stale: folder') == 2
 
     assert main(['cache', '--prune']) == 0
     assert 'removed 3 file(s)' in capsys.readouterr().out
-    assert {p.name for p in cache.glob('*.safetensors')} == new_train
-    assert user_file.read_text() == 'mine' and not dead_writer.exists()
+    assert {p.name for p in cache.glob('*.safetensors')} == new_train | {foreign.name, f'{"3" * 32}.safetensors'}
+    assert user_file.read_text() == 'mine' and not dead_writer.exists() and live_writer.exists()
+    assert foreign.exists()
 
     assert main(['cache', '--clear']) == 0
-    assert list(cache.glob('*.safetensors')) == [] and user_file.exists()
+    assert {p.name for p in cache.glob('*.safetensors')} == {foreign.name, f'{"3" * 32}.safetensors'}
+    assert user_file.exists()
     with pytest.raises(SystemExit):  # argparse: not allowed together
         main(['cache', '--prune', '--clear'])
