@@ -19,10 +19,11 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -525,7 +526,9 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     num_updates = start_epoch * updates_per_epoch
     eval_metrics = None
+    epoch_times: List[float] = []
     for epoch in range(start_epoch, num_epochs):
+        epoch_start = time.perf_counter()
         set_loader_epoch(loaders.train, epoch)
         stats = train_one_epoch(
             task, loaders.train, optimizer, epoch=epoch, device=device, num_updates=num_updates,
@@ -552,7 +555,8 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
                 epoch, metric=eval_metrics[args.eval_metric] if eval_metrics else None)
             _test_pause('checkpoint-saved', epoch)
             append_log_rows(output_dir, record)
-            _log_epoch(epoch, stats, eval_metrics)
+            epoch_times.append(time.perf_counter() - epoch_start)
+            _log_epoch(epoch, stats, eval_metrics, epochs_left=num_epochs - 1 - epoch, epoch_times=epoch_times)
             _test_pause('logs-written', epoch)
     results: Dict[str, Any] = dict(model=args.model, output_dir=output_dir, epochs=num_epochs,
                                    best_epoch=best_epoch, best_metric=best_metric, eval_metric=args.eval_metric,
@@ -574,11 +578,16 @@ def _checkpoint_epoch(path: str) -> int:
     return int(load_checkpoint_metadata(path)['epoch'])
 
 
-def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics) -> None:
+def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics, *, epochs_left: int = 0,
+               epoch_times: Sequence[float] = ()) -> None:
     msg = f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["wall_s"]:.1f} s, ' \
           f'{stats["images_per_s"]:.0f} img/s, {stats["mean_active_blocks"]:.2f}/{stats["num_blocks"]} blocks'
     if eval_metrics:
         msg += f', val top1 {eval_metrics["top1"]:.2f} loss {eval_metrics["loss"]:.4f}'
+    if epochs_left and epoch_times:  # the median epoch of this process (training and validation), so a pause
+        left_s = statistics.median(epoch_times) * epochs_left  # or a slow first epoch does not skew it
+        msg += f'; {epochs_left} epoch{"s" if epochs_left > 1 else ""} left, about ' + \
+            (f'{left_s / 3600:.1f} h' if left_s >= 3600 else f'{max(1, round(left_s / 60))} min')
     _logger.info(msg)
 
 

@@ -1,7 +1,9 @@
 """sd-zoo train / validate end to end on the real (shared) CIFAR-10, and the CLI's errors."""
 import csv
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,8 @@ def _summary(path):
 
 
 @pytest.mark.slow
-def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys):
+def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger='sd_zoo')
     rc = main(['train', '--data-dir', str(cifar10_dir), *SMALL, '--epochs', '2', '--output', str(tmp_path),
                '--experiment', 'run', '--model-ema', '--model-ema-decay', '0.9'])
     assert rc == 0
@@ -43,6 +46,9 @@ def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys):
     assert {'epoch', 'arch', 'state_dict', 'state_dict_ema', 'optimizer', 'args', 'version'} <= set(ckpt)
     assert ckpt['arch'] == 'sd_resnet20' and ckpt['epoch'] == 1
     assert yaml.safe_load((out / 'args.yaml').read_text())['model'] == 'sd_resnet20'
+    epoch_lines = [m for m in caplog.messages if re.match(r'epoch \d+: train loss', m)]
+    assert len(epoch_lines) == 2 and re.search(r'; 1 epoch left, about \d+ min$', epoch_lines[0]), epoch_lines
+    assert 'left' not in epoch_lines[1]
 
     capsys.readouterr()
     results_file = tmp_path / 'val.json'
