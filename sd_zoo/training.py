@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -472,13 +473,39 @@ def _setup(args) -> torch.device:
     return device
 
 
+@dataclass
+class _Training:
+    """What one training process works with: built by :func:`_prepare`, run by :func:`_train_epochs`."""
+    args: argparse.Namespace
+    device: torch.device
+    output_dir: str
+    model: nn.Module
+    task: Any  # timm.task.ClassificationTask
+    optimizer: Any
+    loss_scaler: Any
+    mixup_fn: Any
+    loaders: Any
+    lr_scheduler: Any = None
+    num_epochs: int = 0
+    start_epoch: int = 0
+    updates_per_epoch: int = 0
+    saver: Optional['AtomicCheckpointSaver'] = None
+
+
 def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     """Train as ``args`` (from ``parse_train_args`` or ``make_train_args``) says; returns the final results."""
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.task import ClassificationTask
-    from timm.utils import NativeScaler, distribute_bn
+    run = _prepare(args)
+    _schedule(run)
+    _open_run_folder(run)
+    eval_metrics = _train_epochs(run)
+    return _finish(run, eval_metrics)
 
+
+def _prepare(args: argparse.Namespace) -> _Training:
+    """Model, loss, optimizer, loaders and EMA; a resumed run's state; compiled branches; DDP."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.task import ClassificationTask
+    from timm.utils import NativeScaler
     device = _setup(args)
     output_dir = _output_dir(args)
     if args.primary:
@@ -493,81 +520,112 @@ def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay)
-    start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
+    run = _Training(args=args, device=device, output_dir=output_dir, model=model, task=task, optimizer=optimizer,
+                    loss_scaler=loss_scaler, mixup_fn=mixup_fn, loaders=loaders)
+    run.start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        run.start_epoch = args.start_epoch
     if args.torchcompile:
         compile_blocks(model, backend=args.torchcompile)
     if args.distributed:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+    return run
 
-    updates_per_epoch = math.ceil(len(loaders.train) / args.grad_accum_steps)
+
+def _schedule(run: _Training) -> None:
+    """The learning-rate schedule and the gate sequence, both at the start epoch."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, steps_per_epoch = run.args, len(run.loaders.train)
+    run.updates_per_epoch = math.ceil(steps_per_epoch / args.grad_accum_steps)
     # gates continue from where an interrupted run stopped, identically on every rank
-    set_gate_seed(model, int(model_kwargs_of(args).get('sd_seed', 0)), step=start_epoch * len(loaders.train))
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=updates_per_epoch)
-    if start_epoch > 0:
+    set_gate_seed(run.model, int(model_kwargs_of(args).get('sd_seed', 0)), step=run.start_epoch * steps_per_epoch)
+    run.lr_scheduler, run.num_epochs = create_scheduler_v2(run.optimizer, **scheduler_kwargs(args),
+                                                           updates_per_epoch=run.updates_per_epoch)
+    if run.start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            run.lr_scheduler.step_update(run.start_epoch * run.updates_per_epoch)
         else:
-            lr_scheduler.step(start_epoch)
+            run.lr_scheduler.step(run.start_epoch)
 
-    if args.primary and _resumes_in_place(args, output_dir):
+
+def _open_run_folder(run: _Training) -> None:
+    """On the primary process: logs reconciled with a resumed checkpoint, the checkpoint saver, one line."""
+    args, loaders = run.args, run.loaders
+    if not args.primary:
+        return
+    if _resumes_in_place(args, run.output_dir):
         # the logs end at the checkpoint's epoch: no row of an epoch that will run again, none lost
-        reconcile_logs(output_dir, _checkpoint_epoch(args.resume))
-    saver = _make_saver(args, output_dir, model, optimizer, loss_scaler, task) if args.primary else None
-    if args.primary:
-        _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
-                     f'{loaders.counts["train"]} train / {loaders.counts.get("val", 0)} val / '
-                     f'{loaders.counts.get("test", 0)} test images ({loaders.kind} loader), '
-                     f'epochs {start_epoch}..{num_epochs - 1}, output {output_dir}')
+        reconcile_logs(run.output_dir, _checkpoint_epoch(args.resume))
+    run.saver = _make_saver(args, run.output_dir, run.model, run.optimizer, run.loss_scaler, run.task)
+    _logger.info(f'{args.model}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, '
+                 f'{loaders.counts["train"]} train / {loaders.counts.get("val", 0)} val / '
+                 f'{loaders.counts.get("test", 0)} test images ({loaders.kind} loader), '
+                 f'epochs {run.start_epoch}..{run.num_epochs - 1}, output {run.output_dir}')
 
-    eval_kwargs = dict(amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
-    best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
-    num_updates = start_epoch * updates_per_epoch
-    eval_metrics = None
-    epoch_times: List[float] = []
-    for epoch in range(start_epoch, num_epochs):
+
+def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
+    """Train, validate, checkpoint and log each epoch; returns the last validation metrics."""
+    from timm.utils import distribute_bn
+    args, task, loaders = run.args, run.task, run.loaders
+    num_updates = run.start_epoch * run.updates_per_epoch
+    eval_metrics, epoch_times = None, []
+    for epoch in range(run.start_epoch, run.num_epochs):
         epoch_start = time.perf_counter()
         set_loader_epoch(loaders.train, epoch)
         stats = train_one_epoch(
-            task, loaders.train, optimizer, epoch=epoch, device=device, num_updates=num_updates,
-            lr_scheduler=lr_scheduler if args.sched_on_updates else None, loss_scaler=loss_scaler, mixup_fn=mixup_fn,
-            amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+            task, loaders.train, run.optimizer, epoch=epoch, device=run.device, num_updates=num_updates,
+            lr_scheduler=run.lr_scheduler if args.sched_on_updates else None, loss_scaler=run.loss_scaler,
+            mixup_fn=run.mixup_fn, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             world_size=args.world_size, progress=args.primary and not args.no_progress,
             log_interval=args.log_interval if args.primary else 0)
         num_updates = stats['num_updates']
         if args.distributed:
-            distribute_bn(model, args.world_size, reduce=False)  # rank 0's BN statistics everywhere
+            distribute_bn(run.model, args.world_size, reduce=False)  # rank 0's BN statistics everywhere
         if loaders.val is not None:
             # timm's train.py reports the EMA model when there is one
-            eval_metrics = evaluate(task.get_eval_model(ema=task.has_ema()), loaders.val, device, **eval_kwargs)
-        lr = optimizer.param_groups[0]['lr']
-        lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+            eval_metrics = evaluate(task.get_eval_model(ema=task.has_ema()), loaders.val, run.device,
+                                    **_eval_kwargs(args))
+        lr = run.optimizer.param_groups[0]['lr']
+        run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.primary:
-            # checkpoint first, then the log rows: a kill in between loses no row (the record beside the
-            # checkpoint restores it on resume) and a kill before the checkpoint leaves no row to duplicate
-            record = dict(epoch=epoch, train_metrics=dict(loss=stats['loss']), lr=lr, stats=stats,
-                          eval_metrics=dict(eval_metrics) if eval_metrics else None)
-            write_epoch_record(output_dir, record)
-            best_metric, best_epoch = saver.save_checkpoint(
-                epoch, metric=eval_metrics[args.eval_metric] if eval_metrics else None)
-            _test_pause('checkpoint-saved', epoch)
-            append_log_rows(output_dir, record)
+            _save_epoch(run, epoch, dict(epoch=epoch, train_metrics=dict(loss=stats['loss']), lr=lr, stats=stats,
+                                         eval_metrics=dict(eval_metrics) if eval_metrics else None))
             epoch_times.append(time.perf_counter() - epoch_start)
-            _log_epoch(epoch, stats, eval_metrics, epochs_left=num_epochs - 1 - epoch, epoch_times=epoch_times)
+            _log_epoch(epoch, stats, eval_metrics, epochs_left=run.num_epochs - 1 - epoch, epoch_times=epoch_times)
             _test_pause('logs-written', epoch)
-    results: Dict[str, Any] = dict(model=args.model, output_dir=output_dir, epochs=num_epochs,
+    return eval_metrics
+
+
+def _save_epoch(run: _Training, epoch: int, record: Dict[str, Any]) -> None:
+    """Checkpoint first, then the log rows: a kill in between loses no row (the record beside the checkpoint
+    restores it on resume) and a kill before the checkpoint leaves no row to duplicate."""
+    write_epoch_record(run.output_dir, record)
+    eval_metrics = record['eval_metrics']
+    run.saver.save_checkpoint(epoch, metric=eval_metrics[run.args.eval_metric] if eval_metrics else None)
+    _test_pause('checkpoint-saved', epoch)
+    append_log_rows(run.output_dir, record)
+
+
+def _eval_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
+
+
+def _finish(run: _Training, eval_metrics: Optional[Dict[str, float]]) -> Dict[str, Any]:
+    """results.json (with the test split at the best validation epoch, where there is one); DDP torn down."""
+    args, saver = run.args, run.saver
+    best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
+    results: Dict[str, Any] = dict(model=args.model, output_dir=run.output_dir, epochs=run.num_epochs,
                                    best_epoch=best_epoch, best_metric=best_metric, eval_metric=args.eval_metric,
                                    last_eval=dict(eval_metrics) if eval_metrics else None)
-    if args.primary and loaders.test is not None:
-        results['test'] = _test_at_best_epoch(args, output_dir, task.has_ema(), loaders.test, device, eval_kwargs)
+    if args.primary and run.loaders.test is not None:
+        results['test'] = _test_at_best_epoch(args, run.output_dir, run.task.has_ema(), run.loaders.test,
+                                              run.device, _eval_kwargs(args))
         results['test']['epoch'] = best_epoch
         _logger.info(f'test at the best validation epoch ({best_epoch}): top1 {results["test"]["top1"]:.2f}, '
                      f'error {100 - results["test"]["top1"]:.2f}%')
     if args.primary:
-        write_atomic(os.path.join(output_dir, 'results.json'), json.dumps(results, indent=2))
+        write_atomic(os.path.join(run.output_dir, 'results.json'), json.dumps(results, indent=2))
     if args.distributed:
         torch.distributed.destroy_process_group()
     return results
