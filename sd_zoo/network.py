@@ -70,21 +70,17 @@ class _Clock:
         self._local.deadline = None
 
 
-def _bounded_transport(clock: _Clock):
+def _bounded_transport(inner, clock: _Clock):
+    """``inner`` (an httpx2 transport) with each request's timeouts capped by the time left on ``clock``."""
     import httpx2
 
     class BoundedTransport(httpx2.BaseTransport):
-        """A transport that caps each request's timeouts by the time left on ``clock``."""
-
-        def __init__(self):
-            self.inner = httpx2.HTTPTransport()
-
         def handle_request(self, request):
             left = clock.left(f'{request.url.scheme}://{request.url.netloc.decode()}')
             asked = request.extensions.get('timeout') or {}
             request.extensions['timeout'] = {k: min(left, asked.get(k) or left) for k in _TIMEOUT_KEYS}
             try:
-                response = self.inner.handle_request(request)
+                response = inner.handle_request(request)
             except Exception as e:
                 clock.failed(e)
                 raise
@@ -92,18 +88,21 @@ def _bounded_transport(clock: _Clock):
             return response
 
         def close(self):
-            self.inner.close()
+            inner.close()
 
     return BoundedTransport()
 
 
-def _client_factory(clock: _Clock):
+def _client_factory(clock: _Clock, make_client):
+    """A factory of ``make_client()``'s clients (huggingface_hub's own, or the one a user set) with every
+    transport bounded: the default one and those httpx mounted for the proxies in the environment
+    (HTTP(S)_PROXY, ALL_PROXY), so proxies, certificates and hooks stay as they were."""
     def factory():
-        import httpx2
-        from huggingface_hub.utils import _http  # huggingface_hub's request hook (request ids, debug logs)
-        hook = getattr(_http, 'hf_request_event_hook', None)
-        return httpx2.Client(event_hooks={'request': [hook]} if hook else None, follow_redirects=True,
-                             timeout=None, transport=_bounded_transport(clock))
+        client = make_client()
+        client._transport = _bounded_transport(client._transport, clock)
+        client._mounts = {pattern: None if t is None else _bounded_transport(t, clock)
+                          for pattern, t in client._mounts.items()}
+        return client
     return factory
 
 
@@ -135,7 +134,7 @@ def bounded_hub(seconds: Optional[float] = None) -> Iterator[None]:
     with _Shared.lock:
         if _Shared.users == 0:
             _Shared.previous = getattr(_http, '_GLOBAL_CLIENT_FACTORY', None) or _http.default_client_factory
-            set_client_factory(_client_factory(_Clock(seconds)))
+            set_client_factory(_client_factory(_Clock(seconds), _Shared.previous))
         _Shared.users += 1
     _thread.seconds = seconds
     try:

@@ -101,11 +101,18 @@ def test_requests_from_worker_threads_inside_a_block_are_bounded(silent_endpoint
     assert all(kind is HubTimeout and elapsed < 10 for kind, elapsed in results), results
 
 
+SEEN_REQUESTS = []  # (request line target, headers) of every GET the answering server got
+
+
 @pytest.fixture
 def answering_endpoint():
-    """A loopback HTTP server that answers every GET at once."""
+    """A loopback HTTP server that answers every GET at once (also as an HTTP proxy: the target is then the
+    whole URL)."""
+    SEEN_REQUESTS.clear()
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            SEEN_REQUESTS.append((self.path, dict(self.headers)))
             self.send_response(200)
             self.send_header('Content-Length', '2')
             self.end_headers()
@@ -159,3 +166,38 @@ def test_each_thread_waits_its_own_seconds(silent_endpoint, answering_endpoint):
     done.set()
     t.join(20)
     assert not t.is_alive() and elapsed < 5 and outcome['long'] == 200, (elapsed, outcome)
+
+
+def test_proxies_from_the_environment_are_kept(answering_endpoint, monkeypatch):
+    """Inside a block the client still goes through HTTP(S)_PROXY (a replaced transport would bypass it)."""
+    for name in ('NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy', 'http_proxy'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HTTP_PROXY', answering_endpoint)
+    with bounded_hub(5):
+        assert get_session().get('http://hub.invalid/api/models/x').status_code == 200
+    assert SEEN_REQUESTS[-1][0] == 'http://hub.invalid/api/models/x'  # the proxy got it, whole URL and all
+
+
+def test_a_users_client_factory_is_bounded_and_restored(answering_endpoint, silent_endpoint):
+    import httpx2
+    from huggingface_hub import set_client_factory
+    before = _factory()
+
+    def users_factory():
+        return httpx2.Client(headers={'X-Mine': 'yes'}, timeout=None)
+    set_client_factory(users_factory)
+    try:
+        with bounded_hub(1):
+            assert get_session().get(answering_endpoint + '/ok').status_code == 200
+            with pytest.raises(HubTimeout):
+                for _ in range(5):
+                    try:
+                        get_session().get(silent_endpoint + '/x')
+                    except HubTimeout:
+                        raise
+                    except Exception:
+                        continue
+        assert SEEN_REQUESTS[-1][1].get('X-Mine') == 'yes'  # the user's client, bounded
+        assert _factory() is users_factory
+    finally:
+        set_client_factory(before)
