@@ -9,8 +9,8 @@ deleted folder leaves its old file behind (a CIFAR-10 training split is 154 MB),
     sd-zoo cache --clear    remove every entry
 
 Only the cache's own files are ever removed: ``<32 hex digits>.safetensors`` files that carry the cache's
-metadata (or cannot be read at all: the loader would decode again and replace them), and the partial
-``.tmp`` files of writers that stopped an hour or more ago.
+metadata, and the partial ``.tmp`` files of writers that stopped an hour or more ago. Unreadable files are
+left alone.
 """
 import argparse
 import os
@@ -33,7 +33,7 @@ PARTIAL_AGE_S = 3600  # a writer rewrites its .tmp file in seconds; one this old
 class CacheEntry:
     path: str
     size_bytes: int
-    root: str  # the split folder it was decoded from ('' when unreadable)
+    root: str  # the split folder it was decoded from
     images: int
     stale: bool  # the folder is gone or no longer gives this entry's key
     reason: str = ''
@@ -47,10 +47,8 @@ def _describe(path: str, key: str) -> Optional[CacheEntry]:
         with safe_open(path, 'pt') as f:
             meta = f.metadata() or {}
             images = f.get_slice('labels').get_shape()[0] if 'labels' in f.keys() else 0
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # a damaged file is never read again by the loader either
-        return CacheEntry(path, size, '', 0, True, f'unreadable ({type(e).__name__})')
+    except Exception:  # gone meanwhile, or unreadable: nothing shows it is the cache's (the loader
+        return None     # replaces a damaged entry of its own when it next decodes that folder)
     if 'root' not in meta or 'classes' not in meta:
         return None
     root = meta['root']

@@ -268,18 +268,22 @@ def test_cache_command_lists_prunes_stale_entries_and_keeps_other_files(tmp_path
     foreign = cache / f'{"2" * 32}.safetensors'  # a safetensors file without the cache's metadata
     save_file({'w': torch.zeros(1)}, str(foreign))
     (cache / f'{"3" * 32}.safetensors').symlink_to(tmp_path / 'nowhere')  # dangling
+    unreadable = cache / f'{"4" * 32}.safetensors'
+    unreadable.write_bytes(b'not safetensors')  # nothing shows it is the cache's: kept
     assert main(['cache']) == 0
     listing = capsys.readouterr().out
     assert '3 entries' in listing and listing.count('(current)') == 1 and listing.count('stale: folder') == 2
 
     assert main(['cache', '--prune']) == 0
     assert 'removed 3 file(s)' in capsys.readouterr().out
-    assert {p.name for p in cache.glob('*.safetensors')} == new_train | {foreign.name, f'{"3" * 32}.safetensors'}
+    assert {p.name for p in cache.glob('*.safetensors')} == new_train | {foreign.name, f'{"3" * 32}.safetensors',
+                                                                unreadable.name}
     assert user_file.read_text() == 'mine' and not dead_writer.exists() and live_writer.exists()
-    assert foreign.exists()
+    assert foreign.exists() and unreadable.exists()
 
     assert main(['cache', '--clear']) == 0
-    assert {p.name for p in cache.glob('*.safetensors')} == {foreign.name, f'{"3" * 32}.safetensors'}
+    assert {p.name for p in cache.glob('*.safetensors')} == {foreign.name, f'{"3" * 32}.safetensors',
+                                                            unreadable.name}
     assert user_file.exists()
     with pytest.raises(SystemExit):  # argparse: not allowed together
         main(['cache', '--prune', '--clear'])
