@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -36,8 +35,7 @@ from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build
 from .engine import default_device, evaluate, train_one_epoch
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, Run, append_log_rows, build_run_model, reconcile_logs, write_atomic, \
-    write_epoch_record
+from .runs import EPOCH_RECORD, append_log_rows, reconcile_logs, resolve_run, write_atomic, write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -170,9 +168,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """A YAML value as the flag would parse it (``epochs: 1.5`` is an error, not a crash later)."""
     if value is None or action.type is None or isinstance(action, argparse._StoreConstAction):
         return value
-    values = value if isinstance(value, list) else [value]
-    if action.nargs in (None, '?') and isinstance(value, list):
-        raise ValueError(f'config file {path!r}: {key} takes one value, not a list')
+    values = _nargs_values(action, key, value, path)
     try:
         out = []
         for v in values:
@@ -181,7 +177,22 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
             out.append(action.type(v))
     except (TypeError, ValueError):
         raise ValueError(f'config file {path!r}: {key} must be {action.type.__name__}, got {value!r}') from None
-    return out if isinstance(value, list) else out[0]
+    return out[0] if action.nargs in (None, '?') else out
+
+
+def _nargs_values(action: argparse.Action, key: str, value: Any, path: str) -> List[Any]:
+    """The YAML value as the list of values the flag takes on the command line: a scalar of a list flag
+    (``decay_milestones: 250``) is a one-element list; a flag of a fixed count gets exactly that many."""
+    if action.nargs in (None, '?'):
+        if isinstance(value, list):
+            raise ValueError(f'config file {path!r}: {key} takes one value, not a list')
+        return [value]
+    values = value if isinstance(value, list) else [value]
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise ValueError(f'config file {path!r}: {key} takes {action.nargs} values, got {value!r}')
+    if action.nargs == '+' and not values:
+        raise ValueError(f'config file {path!r}: {key} takes at least one value, got []')
+    return values
 
 
 def _check_choice(action: argparse.Action, key: str, value: Any, path: str) -> Any:
@@ -231,10 +242,25 @@ def check_train_args(args: argparse.Namespace) -> None:
         if value is not None and not (low <= value <= high if closed else low <= value < high):
             raise ValueError(f'--{name.replace("_", "-")} must be in [{low:g}, {high:g}{"]" if closed else ")"}, '
                              f'got {value}')
+    if args.decay_epochs is not None and args.decay_epochs <= 0:
+        raise ValueError(f'--decay-epochs must be greater than 0, got {args.decay_epochs:g}')
+    if args.sched == 'plateau' and args.sched_on_updates:
+        raise ValueError('--sched plateau steps once per epoch: drop --sched-on-updates')
+    _check_normalization(args)
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f'--resume {args.resume!r}: no such checkpoint file{_left_behind(args.resume)}')
     if not args.model.startswith(('hf-hub:', 'local-dir:')):
         check_model_name(args.model)
+
+
+def _check_normalization(args) -> None:
+    """--mean/--std take one value (for every channel) or one per input channel, as timm's data config
+    asserts (its channel count: --in-chans, else 3)."""
+    channels = args.in_chans or 3
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ValueError(f'{flag} takes 1 value or one per input channel ({channels}), got {len(values)}: '
+                             f'{" ".join(f"{v:g}" for v in values)}')
 
 
 def _numbered_checkpoints(folder: str):
@@ -312,15 +338,21 @@ def model_kwargs_of(args) -> Dict[str, Any]:
     return kwargs
 
 
+def create_run_model(args, pretrained: bool = False) -> nn.Module:
+    """timm.create_model with the run's arguments: the model that trains, and the one that evaluates the test
+    split at the end (so ``hf-hub:``/``local-dir:`` names and --model-kwargs work for both)."""
+    import timm
+    try:
+        return timm.create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
+                                 global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(args))
+    except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
+        raise ValueError(f'{args.model} does not take these arguments ({e})') from e
+
+
 def build_model(args, device: torch.device):
     """The model of the run (a tagged name takes its classes, mean/std and input size from the tag's config),
     on ``device``, with the resolved data config."""
-    import timm
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                                  global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(args))
-    except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
-        raise ValueError(f'{args.model} does not take these arguments ({e})') from e
+    model = create_run_model(args, pretrained=args.pretrained)
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
     if args.num_classes is None:
@@ -371,14 +403,148 @@ def _resume(args, task, optimizer, loss_scaler) -> int:
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=args.primary) or 0
     except Exception as e:  # a foreign or damaged file: say which, and that nothing was written
-        raise ValueError(f'cannot resume from {args.resume!r} ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0][:200] if str(e) else ""}); it must be a checkpoint of this model '
-                         f'and optimizer (last.pth.tar of the run)') from e
+        raise ValueError(_cannot_resume(args.resume, e)) from e
     if task.has_ema():
         ckpt = load_checkpoint_metadata(args.resume)
+        ema = task.get_trainable_module(ema=True).module
         if 'state_dict_ema' in ckpt:
-            task.get_trainable_module(ema=True).module.load_state_dict(ckpt['state_dict_ema'])
+            ema.load_state_dict(ckpt['state_dict_ema'])
+        else:  # setup_ema copied the untrained model: the average starts from the resumed weights instead
+            ema.load_state_dict(task.get_trainable_module().state_dict())
+            if args.primary:
+                _logger.info(f'{args.resume} has no EMA weights: the EMA starts from its model weights')
     return start_epoch
+
+
+def _cannot_resume(path: str, error: Exception) -> str:
+    return (f'cannot resume from {path!r} ({type(error).__name__}: '
+            f'{str(error).splitlines()[0][:200] if str(error) else ""}); it must be a checkpoint of this model '
+            f'and optimizer (last.pth.tar of the run)')
+
+
+# The arguments that make a run's experiment, compared on resume with the run's args.yaml: the model, its
+# optimizer and schedule (a changed --opt or --lr would be half undone by the optimizer state that comes back),
+# the batch per update (gates and schedule count steps), augmentation, and the data and its split (a changed
+# --seed or --val-holdout would move held-out images into training). Free to change on resume: --epochs (to
+# train on), where and how the run is written and logged, how it runs (device, workers, --loader, --amp,
+# --torchcompile, --channels-last, grad checkpointing), --model-ema and its decay (an EMA may start at a
+# resume), the weights a resume replaces (--pretrained, --initial-checkpoint), and --start-epoch (checked apart).
+_SAME_ON_RESUME = (
+    'model', 'model_kwargs', 'drop', 'drop_path', 'num_classes', 'in_chans', 'gp', 'img_size',
+    'opt', 'opt_eps', 'opt_betas', 'opt_kwargs', 'momentum', 'weight_decay', 'lr', 'layer_decay', 'clip_grad',
+    'clip_mode', 'sched', 'sched_on_updates', 'warmup_lr', 'min_lr', 'decay_milestones', 'decay_epochs',
+    'warmup_epochs', 'warmup_prefix', 'cooldown_epochs', 'patience_epochs', 'decay_rate', 'eval_metric',
+    'batch_size', 'grad_accum_steps', 'cifar_aug', 'no_aug', 'hflip', 'scale', 'ratio', 'mixup', 'cutmix',
+    'smoothing', 'mean', 'std', 'interpolation', 'input_img_mode',
+    'dataset', 'data_dir', 'train_split', 'val_split', 'test_split', 'val_holdout', 'train_subset', 'val_subset',
+    'seed')
+
+
+def check_start(args: argparse.Namespace, output_dir: str) -> None:
+    """The run starts where it can continue: a --resume of a training checkpoint with the run's arguments that
+    drops none of its folder's later epochs, and an epoch left to train. Before any data is loaded."""
+    in_place = _resumes_in_place(args, output_dir)
+    start_epoch = _check_resume(args, output_dir, in_place) if args.resume else (args.start_epoch or 0)
+    total = _schedule_epochs(args)
+    if start_epoch < total:
+        return
+    if args.start_epoch is not None:
+        raise ValueError(f'--start-epoch {start_epoch} leaves none of the schedule\'s {total} epochs to train')
+    if in_place and not os.path.exists(os.path.join(output_dir, 'results.json')):
+        if args.primary:
+            _logger.info(f'all {total} epochs are trained (a stop came before the results): writing them')
+        return
+    raise ValueError(f'the run already finished its {total} epoch{"s" if total != 1 else ""} (--resume '
+                     f'{args.resume} is epoch {start_epoch - 1}): give a larger --epochs to train on')
+
+
+def _check_resume(args, output_dir: str, in_place: bool) -> int:
+    """A --resume that continues its run as it was; returns the first epoch to train."""
+    meta = _read_training_checkpoint(args)
+    _check_same_experiment(args)
+    if in_place:
+        _check_no_later_epochs(args.resume, meta['epoch'], output_dir)
+        if args.start_epoch is not None:
+            raise ValueError(f"--start-epoch with --resume in the run's own folder would repeat or skip log rows: "
+                             f"the run continues after its checkpoint's epoch {meta['epoch']}; drop --start-epoch "
+                             f"(or add --experiment NAME to start at another epoch in a new folder)")
+    if args.start_epoch is not None:
+        return args.start_epoch
+    return meta['epoch'] + 1 if meta.get('version', 1) > 1 else meta['epoch']  # timm's rule (version 2: done)
+
+
+def _read_training_checkpoint(args) -> Dict[str, Any]:
+    """--resume's entries (tensors memory-mapped); an error unless it has what a resume continues from."""
+    from timm.utils import load_checkpoint_metadata
+    try:
+        meta = load_checkpoint_metadata(args.resume)
+    except Exception as e:  # a foreign or damaged file
+        raise ValueError(_cannot_resume(args.resume, e)) from e
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [name for name, present in (
+        ('epoch', isinstance(meta.get('epoch'), int)), ('state_dict', 'state_dict' in meta or 'model' in meta),
+        ('optimizer', 'optimizer' in meta or args.no_resume_opt)) if not present]
+    if missing:
+        raise ValueError(f'--resume {args.resume!r} is not a training checkpoint (it has no {", ".join(missing)}): '
+                         f'--resume continues a run from its epoch and optimizer state; to start a new run from '
+                         f'these weights give --initial-checkpoint {args.resume}')
+    return meta
+
+
+def _check_same_experiment(args) -> None:
+    """The arguments of _SAME_ON_RESUME must be those of the run's args.yaml (beside the checkpoint); a foreign
+    checkpoint without one is not checked."""
+    stored = _experiment_values(resolve_run(args.resume).args)
+    now = _experiment_values(vars(args))
+    differ = [f'--{k.replace("_", "-")} {_shown(v)} (now {_shown(now[k])})' for k, v in stored.items()
+              if v != now[k] and not (k == 'num_classes' and v is None)]  # None: the model's, unknown here
+    if differ:
+        raise ValueError(f'--resume {args.resume!r} continues a run with other arguments (its args.yaml): '
+                         f'{", ".join(differ)}; give the run\'s values to continue it, or --initial-checkpoint '
+                         f'{args.resume} to start a new run from its weights')
+
+
+def _experiment_values(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The _SAME_ON_RESUME values a run used (those it has), as comparable as arguments allow: lists for
+    tuples, the test split that --val-holdout defaults to spelt out, the data folder by its name (it may move)."""
+    out = {k: list(values[k]) if isinstance(values[k], tuple) else values[k] for k in _SAME_ON_RESUME if k in values}
+    if out.get('test_split', '') is None and values.get('val_holdout'):
+        out['test_split'] = values.get('val_split')
+    if out.get('data_dir'):
+        out['data_dir'] = os.path.basename(os.path.normpath(out['data_dir']))
+    return out
+
+
+def _shown(value: Any) -> str:
+    return ' '.join(map(str, value)) if isinstance(value, list) else repr(value) if isinstance(value, str) \
+        else str(value)
+
+
+def _check_no_later_epochs(resume: str, epoch: int, output_dir: str) -> None:
+    """A resume in its own folder from a checkpoint older than the folder's last.pth.tar would replace the later
+    epochs (their log rows, last and best checkpoints): an error that says which, and how to keep them."""
+    last = os.path.join(output_dir, 'last.pth.tar')
+    try:
+        last_epoch = -1 if os.path.samefile(last, resume) else _checkpoint_epoch(last)
+    except Exception:  # no last.pth.tar, or a damaged one: the older checkpoint is what is left to resume
+        return
+    if last_epoch > epoch:
+        raise ValueError(f'--resume {resume!r} is epoch {epoch} but the run\'s last.pth.tar is epoch {last_epoch}: '
+                         f'resuming in the run\'s folder would drop {_epochs_shown(epoch + 1, last_epoch)} (log '
+                         f'rows, checkpoints, best model); resume {last} to continue the run, or add --experiment '
+                         f'NAME to continue after epoch {epoch} in a new folder')
+
+
+def _epochs_shown(first: int, last: int) -> str:
+    return f'epoch {first}' if first == last else f'epochs {first}-{last}'
+
+
+def _schedule_epochs(args) -> int:
+    """The epochs the run trains: --epochs plus any cooldown or warmup prefix timm's schedule adds. timm tells
+    it with the scheduler; a stand-in optimizer asks it before any data is loaded (a bad --sched fails here)."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    return create_scheduler_v2(stand_in, **scheduler_kwargs(args), updates_per_epoch=1)[1]
 
 
 def _test_pause(where: str, epoch: int) -> None:
@@ -511,6 +677,7 @@ def _prepare(args: argparse.Namespace) -> _Training:
     if args.primary:
         check_output_dir(args, output_dir)  # before any work: a reused folder is an error, not an overwrite
     model, data_config = build_model(args, device)
+    check_start(args, output_dir)  # after the model (it resolves --num-classes), before the loaders
     mixup_fn, train_loss_fn = _losses_and_mixup(args)
     task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
@@ -541,7 +708,7 @@ def _schedule(run: _Training) -> None:
     set_gate_seed(run.model, int(model_kwargs_of(args).get('sd_seed', 0)), step=run.start_epoch * steps_per_epoch)
     run.lr_scheduler, run.num_epochs = create_scheduler_v2(run.optimizer, **scheduler_kwargs(args),
                                                            updates_per_epoch=run.updates_per_epoch)
-    if run.start_epoch > 0:
+    if run.start_epoch > 0 and run.lr_scheduler is not None:  # --sched none: timm leaves the lr as it is
         if args.sched_on_updates:
             run.lr_scheduler.step_update(run.start_epoch * run.updates_per_epoch)
         else:
@@ -587,7 +754,8 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
             eval_metrics = evaluate(task.get_eval_model(ema=task.has_ema()), loaders.val, run.device,
                                     **_eval_kwargs(args))
         lr = run.optimizer.param_groups[0]['lr']
-        run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+        if run.lr_scheduler is not None:
+            run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.primary:
             _save_epoch(run, epoch, dict(epoch=epoch, train_metrics=dict(loss=stats['loss']), lr=lr, stats=stats,
                                          eval_metrics=dict(eval_metrics) if eval_metrics else None))
@@ -650,11 +818,13 @@ def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics, *, epochs_left
 
 
 def _test_at_best_epoch(args, output_dir: str, use_ema: bool, loader, device, eval_kwargs) -> Dict[str, Any]:
-    """The test split evaluated on the best validation epoch's weights (the paper's protocol)."""
+    """The test split evaluated on the best validation epoch's weights (the paper's protocol), in a model
+    built as the training one was."""
     best = os.path.join(output_dir, 'model_best.pth.tar')
     checkpoint = best if os.path.exists(best) else os.path.join(output_dir, 'last.pth.tar')
-    run = Run(checkpoint=Path(checkpoint), run_dir=Path(output_dir), args=vars(args))
-    model = build_run_model(run, use_ema=use_ema).to(device)
+    model = create_run_model(args)
+    load_weights(model, checkpoint, use_ema=use_ema)
+    model = model.to(device).eval()
     return dict(evaluate(model, loader, device, **eval_kwargs), split=args.test_split or args.val_split)
 
 

@@ -173,3 +173,15 @@ def test_cli_errors(tmp_path, capsys):
     assert main(['validate', '--model', 'sd_resnet20', '--data-dir', str(tmp_path), '--checkpoint',
                  str(not_ckpt)]) == 2
     assert 'junk.pth.tar' in capsys.readouterr().err
+
+
+def test_config_scalars_of_list_flags_are_one_element_lists(tmp_path):
+    """A YAML scalar of a list flag reads as the command line would read the one value."""
+    import sd_zoo.training as training
+    config = tmp_path / 'scalars.yaml'
+    config.write_text('mean: 0.5\nstd: 0.25\ndecay_milestones: 250\ndevice_modules: sd_zoo\nscale: [0.5, 1]\n')
+    from_yaml = vars(training.parse_train_args(['--config', str(config)]))
+    from_flags = vars(training.parse_train_args(['--mean', '0.5', '--std', '0.25', '--decay-milestones', '250',
+                                                 '--device-modules', 'sd_zoo', '--scale', '0.5', '1']))
+    assert from_yaml == dict(from_flags, config='')
+    assert from_yaml['mean'] == [0.5] and from_yaml['decay_milestones'] == [250] and from_yaml['scale'] == [0.5, 1.0]
