@@ -56,12 +56,14 @@ def describe_model(model: torch.nn.Module, arch: str) -> str:
     return f'An ImageNet-style ResNet (timm\'s `{arch.replace("sd_", "")}` layout, timm\'s state_dict keys)'
 
 
-def card_metadata(repo_id: str, tag: str, results: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Hub front matter; ``model-index`` carries the measured results so the Hub shows them."""
+def card_metadata(repo_id: str, tag: Optional[str], results: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Hub front matter; ``model-index`` carries the measured results so the Hub shows them. Both name a
+    data set, so without a known one (``tag`` None) there are neither."""
     meta: Dict[str, Any] = dict(library_name='timm', license='apache-2.0', pipeline_tag='image-classification',
-                                tags=['image-classification', 'timm', 'sd-zoo', 'stochastic-depth'],
-                                datasets=[HUB_DATASETS.get(tag, tag)])
-    if results:
+                                tags=['image-classification', 'timm', 'sd-zoo', 'stochastic-depth'])
+    if tag:
+        meta['datasets'] = [HUB_DATASETS.get(tag, tag)]
+    if results and tag:
         meta['metrics'] = ['accuracy']
         meta['model-index'] = [dict(name=repo_id.split('/')[-1], results=[dict(
             task=dict(type='image-classification', name='Image Classification'),
@@ -71,7 +73,7 @@ def card_metadata(repo_id: str, tag: str, results: Optional[Dict[str, Any]]) -> 
     return meta
 
 
-def model_card(model, *, repo_id: str, arch: str, tag: str, checkpoint_name: str, args: Dict[str, Any],
+def model_card(model, *, repo_id: str, arch: str, tag: Optional[str], checkpoint_name: str, args: Dict[str, Any],
                times: Optional[Dict[str, float]], results: Optional[Dict[str, Any]], plots: List[str],
                data_note: str = '', use_ema: bool = False, comparison: Optional[Dict[str, Any]] = None,
                train_note: str = '') -> str:
@@ -94,13 +96,17 @@ def model_card(model, *, repo_id: str, arch: str, tag: str, checkpoint_name: str
     return '\n'.join(lines)
 
 
-def _model_lines(model, arch: str, tag: str, checkpoint_name: str, use_ema: bool) -> List[str]:
+def dataset_name(tag: Optional[str]) -> str:
+    return DATASET_NAMES.get(tag, tag) if tag else 'an image data set that the run does not name'
+
+
+def _model_lines(model, arch: str, tag: Optional[str], checkpoint_name: str, use_ema: bool) -> List[str]:
     blocks = stochastic_blocks(model)
     probs = [b.survival_prob for b in blocks]
     constant = model.drop_path_rate == 0
     how = 'constant depth (stochastic depth off, every block at every step)' if constant else 'stochastic depth'
     depth = f', depth {model.depth}' if hasattr(model, 'depth') else ''
-    return [f'{describe_model(model, arch)} trained with {how} on {DATASET_NAMES.get(tag, tag)}, from sd-zoo '
+    return [f'{describe_model(model, arch)} trained with {how} on {dataset_name(tag)}, from sd-zoo '
             f'(`{arch}`, a timm plugin).', '',
             'Stochastic depth (Huang et al., 2016) trains a very deep residual network as an ensemble of '
             'shorter ones: every mini-batch, each residual block is skipped (replaced by its shortcut, not '
@@ -134,19 +140,20 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
     return key != 'decay_milestones' or args.get('sched') in ('step', 'multistep')
 
 
-def _results_lines(arch: str, tag: str, results: Optional[Dict[str, Any]], data_note: str) -> List[str]:
+def _results_lines(arch: str, tag: Optional[str], results: Optional[Dict[str, Any]], data_note: str) -> List[str]:
     if not results:
         return ['## Results', '', 'Not measured at publishing time (no --data-dir was given).', '']
     paper = PAPER_ERROR.get((arch, tag))
+    data = f'{tag} {results["split"]}' if tag else f'{results["split"]} split'
     lines = ['## Results', '', 'Measured by `sd-zoo validate` on the exported files of this repository.', '',
              '| data | images | top-1 | top-1 error | top-5 | paper (const -> SD) |', '|---|---|---|---|---|---|',
-             f'| {tag} {results["split"]} | {results["images"]} | {results["top1"]:.2f} | '
+             f'| {data} | {results["images"]} | {results["top1"]:.2f} | '
              f'{results["top1_err"]:.2f} | {results["top5"]:.2f} | '
              f'{f"{paper[0]} -> {paper[1]}" if paper else "n/a"} |', '']
     return lines + ([data_note, ''] if data_note else [])
 
 
-def anchor_lines(arch: str, tag: str, results: Optional[Dict[str, Any]]) -> List[str]:
+def anchor_lines(arch: str, tag: Optional[str], results: Optional[Dict[str, Any]]) -> List[str]:
     """This model beside the published constant-depth weights of the same architecture."""
     anchors = ANCHORS.get((arch, tag))
     if not anchors or not results:

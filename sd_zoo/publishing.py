@@ -1,14 +1,20 @@
 """``sd-zoo publish``: a training run or checkpoint to a Hugging Face Hub repository, in one command.
 
-Staging (always local, no token): ``model.safetensors`` (never pickle; each block's eval scale is in the
-weights, so the published model evaluates exactly like the trained one), ``config.json`` in timm's format
-with every stochastic-depth setting in ``model_args``, ``README.md`` (the model card, with results measured
-by validating the exported files) and plots. Pushing: one atomic commit through huggingface_hub with the
-user's token; a failure leaves the staged folder as it was, and publishing again updates the repo.
+Checks first (no file is written until every input is known good): the run, the data set the card names, the
+``--out`` folder, the constant-depth baseline, the split to measure, and that ``model_best`` was not chosen
+on the test data. Staging (always local, no token): ``model.safetensors`` (never pickle; each block's eval
+scale is in the weights, so the published model evaluates exactly like the trained one), ``config.json`` in
+timm's format with every stochastic-depth setting in ``model_args`` and the input normalization the run
+trained with, ``README.md`` (the model card, with results measured by validating the exported files) and
+plots. Pushing: one atomic commit through huggingface_hub with the user's token; a failure leaves the staged
+folder as it was, and publishing again updates the repo.
 """
 import argparse
-import json
+import os
+import re
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -22,20 +28,31 @@ STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curve
 # run settings that do not change the recipe: where and how it ran, not what it trained
 _NON_RECIPE_ARGS = {'drop_path', 'experiment', 'output', 'resume', 'data_dir', 'workers', 'no_progress',
                     'log_interval', 'checkpoint_hist', 'device', 'dataset_download', 'pin_mem', 'config', 'loader'}
+DATASET_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10, 'in1k': 1000}  # the tags a card can name
+_TORCH_DATASET_TAGS = {'torch/cifar10': 'cifar10', 'torch/cifar100': 'cifar100', 'torch/svhn': 'svhn'}
+_NAME_TOKENS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn', 'imagenet': 'in1k'}
+INPUT_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
 def build_publish_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='sd-zoo publish', description=__doc__.split('\n\n')[0])
     p.add_argument('source', help='a training output folder (sd-zoo train / timm train.py) or a checkpoint file')
     p.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repository')
-    p.add_argument('--model', default=None, help='architecture (default: from the run\'s args.yaml / checkpoint)')
-    p.add_argument('--checkpoint', default='best', choices=('best', 'last'), help='which checkpoint of a folder')
+    p.add_argument('--model', default=None,
+                   help="architecture (default: from the run's args.yaml / checkpoint); NAME.TAG also names the "
+                        "data set the run trained on (e.g. sd_resnet56.svhn)")
+    p.add_argument('--checkpoint', default='last', choices=('last', 'best'),
+                   help='which checkpoint of a folder: last (default) or best (model_best, only where the run '
+                        'chose it on held-out training images, --val-holdout)')
     p.add_argument('--ema', action='store_true', default=False, help='publish the EMA weights')
-    p.add_argument('--tag', default=None, help='dataset tag of the config (cifar10, cifar100, svhn)')
+    p.add_argument('--tag', default=None,
+                   help=f'the data set the run trained on ({", ".join(DATASET_CLASSES)}; default: from --model or '
+                        f'the run; none named when nothing says)')
     p.add_argument('--out', default=None, help='stage here (default: a temporary folder, kept on failure)')
     p.add_argument('--dry-run', action='store_true', default=False, help='stage only, push nothing (no token)')
     p.add_argument('--data-dir', default=None, help='validate the exported files on this dataset for the card')
     p.add_argument('--dataset', default='', help="'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn")
+    p.add_argument('--dataset-download', action='store_true', default=False, help='download torch/* datasets')
     p.add_argument('--split', default='test', help='split to validate on (default: test)')
     p.add_argument('--data-note', default='', help='a note on the evaluation data for the card')
     p.add_argument('--baseline', default=None, metavar='RUN',
@@ -49,50 +66,129 @@ def build_publish_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _evaluate(model: str, checkpoint: str, data_dir: Optional[str], dataset: str, split: str) -> Dict[str, Any]:
-    from .evaluation import validate
-    return validate(model, checkpoint=checkpoint, pretrained=not checkpoint, data_dir=data_dir, dataset=dataset,
-                    split=split, workers=2, device='cpu')
+# ---------------------------------------------------------------------------------------------- the plan
 
 
-def compare_with_baseline(run: Run, arch: str, baseline: str, which: str,
-                          data_dir: Optional[str], dataset: str, split: str) -> Dict[str, Any]:
-    """Accuracy and training time of the constant-depth twin, measured the same way as the SD model."""
-    base = resolve_run(baseline, which)
-    base_model = build_run_model(base)  # the model as trained: its real drop_path_rate
-    base_arch = base_model.pretrained_cfg['architecture']
-    if base_arch != arch:
-        raise ValueError(f'--baseline {baseline!r} trained {base_arch!r}, not {arch!r}: give the constant-depth '
-                         f'twin of this run')
-    if base_model.drop_path_rate != 0.0:
-        raise ValueError(f'--baseline {baseline!r} was trained with drop_path {base_model.drop_path_rate:g}: the '
-                         f'baseline must be the constant-depth twin (drop_path 0)')
-    differs = sorted(k for k in set(run.args) | set(base.args)
-                     if k not in _NON_RECIPE_ARGS and run.args.get(k) != base.args.get(k))
-    results = _evaluate(arch, str(base.checkpoint), data_dir, dataset, split) if (data_dir or dataset) else None
-    return dict(run_dir=str(base.run_dir), checkpoint=base.checkpoint.name, recipe_differs=differs,
-                results=results, times=training_times(base.run_dir))
+@dataclass(frozen=True)
+class EvalData:
+    """Where the card's results are measured; false when there is no --data-dir or --dataset."""
+    data_dir: Optional[str] = None
+    dataset: str = ''
+    download: bool = False
+    split: str = 'test'
+
+    def __bool__(self) -> bool:
+        return bool(self.data_dir or self.dataset)
 
 
-def _tag_for(model: torch.nn.Module, args: Dict[str, Any], tag: Optional[str]) -> str:
-    """The dataset tag: given, else the trained name's tag, else the data set's name, else by class count."""
-    if tag:
-        return tag
-    name = str(args.get('model') or '')
-    if '.' in name:
-        return name.split('.', 1)[1]
-    where = f'{args.get("dataset") or ""} {args.get("data_dir") or ""}'.lower()
-    for t in ('cifar100', 'cifar10', 'svhn'):
-        if t in where:
-            return t
-    if not hasattr(model, 'depth'):
-        return 'in1k'
-    return 'cifar100' if model.num_classes == 100 else 'cifar10'
+@dataclass
+class Weights:
+    """A run's model as it will be exported, and the input (size, normalization) it was trained on."""
+    run: Run
+    model: torch.nn.Module
+    input_config: Dict[str, Any]
 
 
-def prepare_out_dir(out_dir: str) -> Path:
-    """An empty or new folder, or an earlier staging by sd-zoo (its files are replaced). Anything else in it is
-    the user's, even under a name sd-zoo stages (a README.md of their own): refuse rather than delete it."""
+@dataclass
+class Plan:
+    """Everything publish checked before writing a file."""
+    repo_id: str
+    weights: Weights
+    tag: Optional[str]
+    use_ema: bool
+    data: EvalData
+    baseline: Optional[Weights] = None
+    data_note: str = ''
+    train_note: str = ''
+
+    @property
+    def arch(self) -> str:
+        return self.weights.model.pretrained_cfg['architecture']
+
+
+def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = None, which: str = 'last',
+                     use_ema: bool = False, tag: Optional[str] = None, out_dir: Optional[str] = None,
+                     data: EvalData = EvalData(), baseline: Optional[str] = None, data_note: str = '',
+                     train_note: str = '') -> Plan:
+    """Every check of a publication, before any file is written: a bad input leaves ``out_dir`` untouched."""
+    weights = run_weights(resolve_run(source, which), model_name, use_ema)
+    tag = dataset_tag(weights.model, weights.run.args, model_name, tag)
+    if out_dir:
+        check_out_dir(out_dir)
+    twin = check_baseline(weights, baseline, which, use_ema) if baseline else None
+    if data:
+        check_data(data, weights)
+    check_selection(weights.run, data, '--checkpoint best')
+    if twin:
+        check_selection(twin.run, data, f'--baseline {baseline!r}')
+    return Plan(repo_id=repo_id, weights=weights, tag=tag, use_ema=use_ema, data=data, baseline=twin,
+                data_note=data_note, train_note=train_note)
+
+
+def run_weights(run: Run, model_name: Optional[str], use_ema: bool) -> Weights:
+    """The run's model rebuilt under the name it trained with (its config is the input the weights expect) when
+    --model only adds a tag to it, with the input config sd-zoo train resolved for it."""
+    from .data import resolve_data_config
+    model = build_run_model(run, _build_name(run, model_name), use_ema)
+    return Weights(run=run, model=model, input_config=resolve_data_config(model, run.args))
+
+
+def _build_name(run: Run, model_name: Optional[str]) -> Optional[str]:
+    from timm.models import get_arch_name
+    trained = run.args.get('model')
+    if model_name and isinstance(trained, str) and get_arch_name(model_name) == get_arch_name(trained):
+        return trained
+    return model_name
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def dataset_tag(model: torch.nn.Module, args: Dict[str, Any], model_name: Optional[str],
+                tag: Optional[str]) -> Optional[str]:
+    """The data set the weights were trained on, as stated (--tag, --model NAME.TAG, the run's tagged model
+    name or torchvision data set), else as the run's recipe or data folder names it; None when nothing names
+    it, and then the card names no data set (a class count says nothing about which data set it is)."""
+    stated = {where: value for where, value in (
+        ('--tag', tag), ('--model', _name_tag(model_name)), ("the run's model", _name_tag(args.get('model'))),
+        ("the run's dataset", _TORCH_DATASET_TAGS.get(args.get('dataset') or ''))) if value}
+    if len(set(stated.values())) > 1:
+        shown = ', '.join(f'{where} says {value}' for where, value in stated.items())
+        raise ValueError(f'the data set of the run is stated two ways ({shown}): give one')
+    if stated:
+        where, value = next(iter(stated.items()))
+        return _checked_tag(value, where, model.num_classes)
+    named = {_named_in(args.get(key)) for key in ('config', 'data_dir')} - {None}
+    fitting = {t for t in named if DATASET_CLASSES[t] == model.num_classes}
+    return fitting.pop() if len(fitting) == 1 else None
+
+
+def _name_tag(name: Any) -> Optional[str]:
+    return name.split('.', 1)[1] if isinstance(name, str) and '.' in name else None
+
+
+def _named_in(path: Any) -> Optional[str]:
+    """The data set a recipe or data folder is named after (its last path component), if any."""
+    if not isinstance(path, str) or not path:
+        return None
+    words = set(re.split(r'[^a-z0-9]+', os.path.basename(path.rstrip('/\\')).lower()))
+    found = {tag for word, tag in _NAME_TOKENS.items() if word in words}
+    return found.pop() if len(found) == 1 else None
+
+
+def _checked_tag(tag: str, where: str, num_classes: int) -> str:
+    if tag not in DATASET_CLASSES:
+        raise ValueError(f'{where} names the data set {tag!r}: sd-zoo knows {", ".join(DATASET_CLASSES)} (leave it '
+                         f'out for another data set)')
+    if DATASET_CLASSES[tag] != num_classes:
+        raise ValueError(f'{where} says the run trained on {tag} ({DATASET_CLASSES[tag]} classes), but the weights '
+                         f'have {num_classes} classes')
+    return tag
+
+
+def check_out_dir(out_dir: str) -> None:
+    """An empty or new folder, or an earlier staging by sd-zoo. Anything else in it is the user's, even under
+    a name sd-zoo stages (a README.md of their own): refuse rather than delete it."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f'--out {out_dir!r} is a file, not a folder')
@@ -102,6 +198,13 @@ def prepare_out_dir(out_dir: str) -> Path:
             shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
             raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
                              f'new folder')
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    """The checked ``--out`` folder, emptied of an earlier staging's files (only those), created if new."""
+    check_out_dir(out_dir)
+    out = Path(out_dir)
+    if out.is_dir():
         for p in out.iterdir():
             p.unlink()  # an earlier staging's files only (checked above)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,12 +213,121 @@ def prepare_out_dir(out_dir: str) -> Path:
 
 def _is_earlier_staging(out: Path) -> bool:
     """sd-zoo's staging writes config.json naming an sd-zoo architecture; without it, the files are not ours."""
+    import json
     import timm
     try:
         arch = json.loads((out / 'config.json').read_text())['architecture']
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return isinstance(arch, str) and arch.startswith('sd_') and timm.is_model(arch)
+
+
+def check_data(data: EvalData, weights: Weights) -> None:
+    """The split to measure exists, is readable and fits the model's classes (a typo fails here, not after
+    staging)."""
+    from .data import DataSource, check_class_count, image_mode, read_split
+    source = DataSource(dataset=data.dataset, root=data.data_dir, download=data.download,
+                        img_mode=image_mode(weights.input_config))
+    split = read_split(source, data.split)
+    check_class_count(split.classes, weights.model.num_classes, source.describe(data.split))
+
+
+def check_selection(run: Run, data: EvalData, what: str) -> None:
+    """model_best is the epoch with the best accuracy on the run's validation data: refuse it when that data is
+    the test split or the split the card reports (the card would show accuracy the weights were chosen on)."""
+    chosen_on = _selection_split(run)
+    if chosen_on is None:
+        return
+    reported = bool(data) and chosen_on == data.split
+    if reported or _is_test_split(chosen_on, run.args.get('dataset') or ''):
+        which = 'the split this card reports' if reported else 'test data'
+        raise ValueError(f'{what}: {str(run.checkpoint)!r} was chosen by its accuracy on the {chosen_on!r} split '
+                         f'({which}; the run had no --val-holdout): publish the last epoch (--checkpoint last), or '
+                         f'train with --val-holdout N')
+
+
+def _selection_split(run: Run) -> Optional[str]:
+    """The split model_best was chosen on; None for a checkpoint not chosen by accuracy or chosen on
+    held-out training images."""
+    if run.checkpoint.name != 'model_best.pth.tar' or run.args.get('val_holdout'):
+        return None
+    return run.args.get('val_split') or None
+
+
+def _is_test_split(split: str, dataset: str) -> bool:
+    from .data import TORCH_DATASETS
+    return split == 'test' or (dataset in TORCH_DATASETS and split != 'train')  # torchvision: train or test
+
+
+def check_baseline(weights: Weights, baseline: str, which: str, use_ema: bool) -> Weights:
+    """The constant-depth twin, loaded like this model (its EMA weights with --ema: an error where it has none)
+    and checked to be comparable."""
+    twin = run_weights(resolve_run(baseline, which), None, use_ema)
+    _check_twin(weights, twin, baseline)
+    return twin
+
+
+def _check_twin(weights: Weights, twin: Weights, baseline: str) -> None:
+    model, base_model = weights.model, twin.model
+    arch, base_arch = model.pretrained_cfg['architecture'], base_model.pretrained_cfg['architecture']
+    if base_arch != arch:
+        raise ValueError(f'--baseline {baseline!r} trained {base_arch!r}, not {arch!r}: give the constant-depth '
+                         f'twin of this run')
+    if base_model.drop_path_rate != 0.0:
+        raise ValueError(f'--baseline {baseline!r} was trained with drop_path {base_model.drop_path_rate:g}: the '
+                         f'baseline must be the constant-depth twin (drop_path 0)')
+    if base_model.num_classes != model.num_classes:
+        raise ValueError(f'--baseline {baseline!r} has {base_model.num_classes} classes, this model '
+                         f'{model.num_classes}: give the twin trained on the same data')
+    inputs = [{k: tuple(c[k]) for k in ('input_size', 'mean', 'std')} for c in (weights.input_config,
+                                                                               twin.input_config)]
+    if inputs[0] != inputs[1]:
+        raise ValueError(f'--baseline {baseline!r} trained on input {inputs[1]}, this model on {inputs[0]}: give '
+                         f'the twin trained with the same normalization')
+    _check_same_schedule(weights.run, twin.run, baseline)
+
+
+def _check_same_schedule(run: Run, base: Run, baseline: str) -> None:
+    """A twin stopped early (16 of 50 epochs) is not 'the same recipe': both runs must have finished as many
+    epochs."""
+    epochs = finished_epochs(run), finished_epochs(base)
+    if None in epochs or epochs[0] != epochs[1]:
+        shown = ['an unknown number of' if e is None else str(e) for e in epochs]
+        raise ValueError(f'--baseline {baseline!r} finished {shown[1]} epochs, this run {shown[0]}: compare runs '
+                         f'that finished the same schedule')
+
+
+def finished_epochs(run: Run) -> Optional[int]:
+    """Epochs the run completed, from its last checkpoint (timm's rule: version 2+ holds the finished epoch,
+    counted from 0); None when no checkpoint says."""
+    from timm.utils import load_checkpoint_metadata
+    last = run.run_dir / 'last.pth.tar'
+    try:
+        meta = load_checkpoint_metadata(str(last if last.is_file() else run.checkpoint))
+    except Exception:  # not a timm training checkpoint (a safetensors file, a bare state_dict)
+        return None
+    epoch = meta.get('epoch') if isinstance(meta, dict) else None
+    if not isinstance(epoch, int):
+        return None
+    return epoch + 1 if meta.get('version', 1) > 1 else epoch
+
+
+# ---------------------------------------------------------------------------------------------- staging
+
+
+def save_weights(model: torch.nn.Module, folder: Path, repo_id: str, tag: Optional[str],
+                 input_config: Dict[str, Any]) -> None:
+    """model.safetensors and config.json in timm's format, with the input the weights were trained on; the
+    config names a data set (tag, label names) only when it is known."""
+    from timm.models import save_for_hf
+    model.pretrained_cfg = {**{k: v for k, v in model.pretrained_cfg.items() if k != 'tag'},
+                            **({'tag': tag} if tag else {})}
+    pretrained_cfg = {k: input_config[k] for k in INPUT_KEYS if k in input_config}
+    pretrained_cfg['hf_hub_id'] = repo_id
+    model_config: Dict[str, Any] = dict(pretrained_cfg=pretrained_cfg)
+    if model.num_classes == 10 and tag == 'cifar10':
+        model_config['label_names'] = CIFAR10_LABELS
+    save_for_hf(model, folder, model_config=model_config, model_args=sd_model_args(model), safe_serialization=True)
 
 
 def _check_export(out: Path, model: torch.nn.Module) -> None:
@@ -129,44 +341,79 @@ def _check_export(out: Path, model: torch.nn.Module) -> None:
             raise RuntimeError('the exported files do not reproduce the trained model')
 
 
-def stage(source_path: str, out_dir: str, repo_id: str, model_name: Optional[str] = None, which: str = 'best',
-          use_ema: bool = False, tag: Optional[str] = None, data_dir: Optional[str] = None, dataset: str = '',
-          split: str = 'test', data_note: str = '', baseline: Optional[str] = None,
-          train_note: str = '') -> Dict[str, Any]:
+def _evaluate(folder: Path, data: EvalData) -> Dict[str, Any]:
+    """Accuracy of exported files, loaded the way users load them (their config's normalization)."""
+    from .evaluation import validate
+    return validate(f'local-dir:{folder}', data_dir=data.data_dir, dataset=data.dataset,
+                    dataset_download=data.download, split=data.split, workers=2, device='cpu')
+
+
+def compare_with_baseline(plan: Plan) -> Dict[str, Any]:
+    """Accuracy (the twin exported and validated exactly like this model) and training time of the twin."""
+    run, base = plan.weights.run, plan.baseline.run
+    differs = sorted(k for k in set(run.args) | set(base.args)
+                     if k not in _NON_RECIPE_ARGS and run.args.get(k) != base.args.get(k))
+    results = None
+    if plan.data:
+        with tempfile.TemporaryDirectory(prefix='sd-zoo-baseline-') as folder:
+            save_weights(plan.baseline.model, Path(folder), plan.repo_id, plan.tag, plan.baseline.input_config)
+            results = _evaluate(Path(folder), plan.data)
+    return dict(run_dir=str(base.run_dir), checkpoint=base.checkpoint.name, recipe_differs=differs,
+                results=results, times=training_times(base.run_dir))
+
+
+def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     """Write the Hub repository's files into ``out_dir`` and check that they reproduce the trained model."""
-    import timm
-    from timm.models import save_for_hf
-    run = resolve_run(source_path, which)
-    model = build_run_model(run, model_name, use_ema)
-    arch = model.pretrained_cfg['architecture']
-    tag = _tag_for(model, run.args, tag)
+    model, run = plan.weights.model, plan.weights.run
     out = prepare_out_dir(out_dir)
-    tagged = f'{arch}.{tag}'
-    cfg_overlay = timm.models.get_pretrained_cfg(tagged).to_dict() \
-        if tagged in timm.list_models(f'{arch}.*', include_tags=True) else {}
-    pretrained_cfg = {k: v for k, v in cfg_overlay.items() if k in ('mean', 'std', 'license', 'paper_ids',
-                                                                    'paper_name', 'interpolation', 'crop_pct',
-                                                                    'input_size')}
-    pretrained_cfg['hf_hub_id'] = repo_id
-    model_config: Dict[str, Any] = dict(pretrained_cfg=pretrained_cfg)
-    if model.num_classes == 10 and tag == 'cifar10':
-        model_config['label_names'] = CIFAR10_LABELS
-    save_for_hf(model, out, model_config=model_config, model_args=sd_model_args(model), safe_serialization=True)
+    save_weights(model, out, plan.repo_id, plan.tag, plan.weights.input_config)
     plots = ['training_curves.png'] if plot_curves(read_csv(run.run_dir / 'summary.csv'),
                                                    out / 'training_curves.png') else []
     plot_schedule(model, out / 'survival_schedule.png')
     plots.append('survival_schedule.png')
     _check_export(out, model)
-    results = _evaluate(f'local-dir:{out}', '', data_dir, dataset, split) if (data_dir or dataset) else None
-    comparison = compare_with_baseline(run, arch, baseline, which, data_dir, dataset, split) if baseline else None
-    card = model_card(model, repo_id=repo_id, arch=arch, tag=tag, checkpoint_name=run.checkpoint.name,
+    results = _evaluate(out, plan.data) if plan.data else None
+    comparison = compare_with_baseline(plan) if plan.baseline else None
+    card = model_card(model, repo_id=plan.repo_id, arch=plan.arch, tag=plan.tag, checkpoint_name=run.checkpoint.name,
                       args=run.args, times=training_times(run.run_dir), results=results, plots=plots,
-                      data_note=data_note, use_ema=use_ema, comparison=comparison, train_note=train_note)
+                      data_note=plan.data_note, use_ema=plan.use_ema, comparison=comparison,
+                      train_note=plan.train_note)
     (out / 'README.md').write_text(card)
     files = sorted(p.name for p in out.iterdir())
     if any(f.endswith(('.bin', '.pth', '.pt', '.pkl', '.tar')) for f in files):
         raise RuntimeError(f'pickle files in the staged repository: {files}')
-    return dict(out_dir=str(out), files=files, results=results, architecture=arch, tag=tag, baseline=comparison)
+    return dict(out_dir=str(out), files=files, results=results, architecture=plan.arch, tag=plan.tag,
+                baseline=comparison)
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+
+
+def refuse_public_repo(api, repo_id: str) -> None:
+    """--private cannot make an existing public repository private (create_repo keeps its visibility):
+    pushing there would publish the files to everyone."""
+    from huggingface_hub.utils import RepositoryNotFoundError
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        return  # created private by the push
+    if not info.private:
+        raise ValueError(f'--private: {repo_id!r} already exists and is public, so pushing would publish these '
+                         f'files to everyone: make the repository private on the Hub first, or drop --private')
+
+
+def check_private_target(repo_id: str, token: Optional[str]) -> None:
+    """Before staging: a --private push must not land in an existing public repository."""
+    from huggingface_hub import HfApi
+    from .network import bounded_hub
+    try:
+        with bounded_hub():
+            refuse_public_repo(HfApi(token=token), repo_id)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f'--private: cannot tell whether {repo_id!r} is public ({_failure(e)}); nothing was '
+                         f'staged or pushed') from e
 
 
 def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optional[str] = None,
@@ -177,6 +424,8 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
     from .network import bounded_hub
     api = HfApi(token=token)
     with bounded_hub():
+        if private:
+            refuse_public_repo(api, repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -187,14 +436,7 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
     return info.commit_url
 
 
-def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoint: str = 'best',
-            ema: bool = False, tag: Optional[str] = None, out: Optional[str] = None, dry_run: bool = False,
-            data_dir: Optional[str] = None, dataset: str = '', split: str = 'test', data_note: str = '',
-            baseline: Optional[str] = None, train_note: str = '', private: bool = False,
-            revision: Optional[str] = None, commit_message: Optional[str] = None,
-            token: Optional[str] = None) -> Dict[str, Any]:
-    """Stage a run or checkpoint as a Hub repository (``out``, else a new temporary folder) and push it in one
-    commit (not with ``dry_run``). A failed push leaves the staged folder as it was."""
+def _check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         if '/' not in repo_id:
@@ -202,9 +444,25 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise ValueError(f'--repo-id {repo_id!r} must be a Hub repository id ORG/NAME') from e
+
+
+def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoint: str = 'last',
+            ema: bool = False, tag: Optional[str] = None, out: Optional[str] = None, dry_run: bool = False,
+            data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False, split: str = 'test',
+            data_note: str = '', baseline: Optional[str] = None, train_note: str = '', private: bool = False,
+            revision: Optional[str] = None, commit_message: Optional[str] = None,
+            token: Optional[str] = None) -> Dict[str, Any]:
+    """Check every input, stage a run or checkpoint as a Hub repository (``out``, else a new temporary folder,
+    removed after a successful push) and push it in one commit (not with ``dry_run``). A failed push leaves
+    the staged folder as it was."""
+    _check_repo_id(repo_id)
+    plan = plan_publication(source, repo_id=repo_id, model_name=model, which=checkpoint, use_ema=ema, tag=tag,
+                            out_dir=out, data=EvalData(data_dir, dataset, dataset_download, split),
+                            baseline=baseline, data_note=data_note, train_note=train_note)
+    if private and not dry_run:
+        check_private_target(repo_id, token)
     out_dir = out or tempfile.mkdtemp(prefix='sd-zoo-publish-')
-    staged = stage(source, out_dir, repo_id, model, checkpoint, ema, tag, data_dir, dataset, split, data_note,
-                   baseline, train_note)
+    staged = stage(plan, out_dir)
     print(f'staged {", ".join(staged["files"])} in {out_dir}')
     if dry_run:
         return staged
@@ -215,6 +473,9 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
         raise ValueError(f'pushing to {repo_id!r} failed ({detail}); the staged files are intact in {out_dir}: fix '
                          f'the cause and run the same command again') from e
     print(f'pushed: {staged["commit_url"]}')
+    if not out:
+        shutil.rmtree(out_dir)  # the temporary folder made above, nothing else
+        staged['out_dir'] = None
     return staged
 
 

@@ -1,5 +1,6 @@
 """A loopback Hugging Face Hub for tests: the real HTTP endpoints huggingface_hub uses to create a repo,
-commit files (regular uploads) and download them, served from memory on 127.0.0.1.
+commit files (regular uploads), read a repo's info (with its visibility) and download files, served from
+memory on 127.0.0.1.
 
 Network faults, over real sockets: ``closed_port_endpoint()`` refuses every connection; ``state.fault``
 'hang' accepts a request and never answers it, 'drop' closes the connection in the middle of the response
@@ -17,6 +18,7 @@ from typing import Dict, Optional
 class HubState:
     def __init__(self):
         self.repos: Dict[str, Dict[str, Dict]] = {}  # repo_id -> branch -> {'sha': str, 'files': {path: bytes}}
+        self.private: Dict[str, bool] = {}  # repo_id -> its visibility, set when it is created
         self.commits = []
         self.fail_next_commits = 0
         self.lock = threading.Lock()
@@ -84,6 +86,7 @@ class HubHandler(BaseHTTPRequestHandler):
                     return self._send(409, {'error': 'You already created this model repo',
                                             'url': f'http://{self.headers["Host"]}/{repo_id}'})
                 s.repos[repo_id] = {'main': {'sha': hashlib.sha1(repo_id.encode()).hexdigest(), 'files': {}}}
+                s.private[repo_id] = data.get('visibility') == 'private' or bool(data.get('private'))  # new, old API
             return self._send(200, {'url': f'http://{self.headers["Host"]}/{repo_id}', 'name': repo_id})
         if path == '/api/validate-yaml':  # the model card's metadata block must be valid YAML
             import yaml
@@ -162,10 +165,9 @@ class HubHandler(BaseHTTPRequestHandler):
         if m:
             repo_id, revision = m.group(1), m.group(2) or 'main'
             branch = s.repos.get(repo_id, {}).get(revision)
-            if branch is None:
-                return self._send(404, {'error': 'Repository not found'},
-                                  headers={'X-Error-Code': 'RepositoryNotFound'})
-            return self._send(200, {'id': repo_id, 'sha': branch['sha'], 'private': False,
+            if branch is None:  # the Hub's error code, which huggingface_hub turns into RepositoryNotFoundError
+                return self._send(404, {'error': 'Repository not found'}, headers={'X-Error-Code': 'RepoNotFound'})
+            return self._send(200, {'id': repo_id, 'sha': branch['sha'], 'private': s.private.get(repo_id, False),
                                     'siblings': [{'rfilename': f} for f in sorted(branch['files'])]})
         return self._error(404, f'no route {path}')
 

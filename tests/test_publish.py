@@ -58,8 +58,11 @@ def _env(endpoint, tmp_path, **extra):
 
 
 def _publish(run_dir, staged, env, *extra):
+    """The last epoch: the fixture's run chose model_best on its test split, which publish refuses."""
+    out = ['--out', str(staged)] if staged else []
     return subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'publish', str(run_dir), '--repo-id', REPO_ID,
-                           '--out', str(staged), *extra], capture_output=True, text=True, env=env, timeout=300)
+                           '--checkpoint', 'last', *out, *extra], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def _load_logits(tmp_path, env, x):
@@ -90,7 +93,7 @@ def test_publish_round_trip_over_http_then_offline(trained_run, tmp_path):
         assert card.startswith('---\nlibrary_name: timm') and 'stochastic depth' in card.lower()
         assert "hf-hub:" + REPO_ID in card and '@inproceedings{huang2016deep' in card
 
-        trained = load_model('sd_resnet20', str(run_dir / 'model_best.pth.tar'))
+        trained = load_model('sd_resnet20', str(run_dir / 'last.pth.tar'))
         x = torch.randn(3, 3, 32, 32)
         with torch.no_grad():
             expected = trained(x)
@@ -141,7 +144,8 @@ def test_failed_commit_publishes_nothing_and_retry_succeeds(trained_run, tmp_pat
 def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
     run_dir, _ = trained_run
     staged = tmp_path / 'staged'
-    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)]) == 0
+    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run',
+                 '--out', str(staged)]) == 0
     assert (staged / 'model.safetensors').exists() and not list(staged.glob('*.bin'))
     hub_dir = tmp_path / 'torch_hub'
     cached = hub_dir / 'OWNER_sd-zoo_main'
@@ -153,7 +157,7 @@ def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
                                trust_repo=True, skip_validation=True)
     finally:
         torch.hub.set_dir(str(tmp_path / 'unused'))
-    ref = load_model('sd_resnet20', str(run_dir / 'model_best.pth.tar'))
+    ref = load_model('sd_resnet20', str(run_dir / 'last.pth.tar'))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
@@ -166,7 +170,8 @@ def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
 def test_bad_published_files_get_clear_errors(trained_run, tmp_path):
     run_dir, _ = trained_run
     staged = tmp_path / 'staged'
-    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)]) == 0
+    assert main(['publish', str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run',
+                 '--out', str(staged)]) == 0
 
     def variant(name):
         d = tmp_path / name
@@ -217,9 +222,10 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
                  '-b', '16', '-j', '0', '--no-progress', '--cifar-aug', '--train-split', 'train', '--val-split',
                  'test', '--output', str(out), '--experiment', 'constant', '--lr', '0.05']) == 0
     staged = tmp_path / 'staged'
-    result = publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
-                           '--data-dir', str(data), '--baseline', str(out / 'constant'),
-                           '--train-note', 'Trained on a test machine.'])
+    # --model NAME.TAG names the data set (a generated image folder says nothing about it)
+    result = publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out',
+                           str(staged), '--model', 'sd_resnet20.cifar10', '--data-dir', str(data),
+                           '--baseline', str(out / 'constant'), '--train-note', 'Trained on a test machine.'])
     card = (staged / 'README.md').read_text()
     base = result['baseline']
     # the twin was validated like the SD model: the same images, its own checkpoint
@@ -237,7 +243,8 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     assert '## Against published weights' in card
     assert f'| 91.25 | {result["results"]["top1"] - 91.25:+.2f} |' in card and '| 92.60 |' in card
     # the twin's own card says what it is
-    publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'constant')])
+    publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out',
+                  str(tmp_path / 'constant')])
     constant_card = (tmp_path / 'constant' / 'README.md').read_text()
     assert 'trained with constant depth' in constant_card and '- stochastic depth: off' in constant_card
 
@@ -258,3 +265,147 @@ def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
     # an earlier staging (config.json naming an sd-zoo architecture) is replaced
     (own / 'config.json').write_text(json.dumps({'architecture': 'sd_resnet20'}))
     assert prepare_out_dir(str(own)) == own and not any(own.iterdir())
+
+
+def _train(data, out, name, *extra):
+    """A one-epoch sd_resnet20 run on the generated folder, validated on its test split (no holdout)."""
+    assert main(['train', '--data-dir', str(data), '--model', 'sd_resnet20', '--epochs', '1', '-b', '16', '-j', '0',
+                 '--no-progress', '--cifar-aug', '--train-split', 'train', '--val-split', 'test',
+                 '--output', str(out), '--experiment', name, '--lr', '0.05', *extra]) == 0
+    return out / name
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_best_checkpoint_chosen_on_the_test_split_is_refused(trained_run, tmp_path):
+    run_dir, data = trained_run
+    staged = tmp_path / 'staged'
+    for extra in (['--data-dir', str(data)], []):  # measured on that split, or not measured: test data either way
+        with pytest.raises(ValueError, match=r"chosen by its accuracy on the 'test' split .*\(--checkpoint "
+                                             r"last\), or train with --val-holdout"):
+            publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged), *extra])
+        assert not staged.exists()  # refused before anything was written
+    # chosen on held-out training images: model_best is fine, and the card says which weights it shows
+    held_out = _train(data, tmp_path / 'runs', 'held_out', '--val-holdout', '10')
+    result = publish_main([str(held_out), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
+                           '--data-dir', str(data)])
+    assert result['results']['images'] == 20 and '`model_best.pth.tar`' in (staged / 'README.md').read_text()
+
+
+@pytest.mark.slow
+def test_a_bad_input_leaves_an_earlier_staging_untouched(trained_run, tmp_path):
+    run_dir, data = trained_run
+    staged = tmp_path / 'staged'
+    publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out', str(staged)])
+    before = _files(staged)
+    (tmp_path / 'empty').mkdir()
+    bad = [(['--data-dir', str(tmp_path / 'nowhere')], 'is not a folder'),
+           (['--data-dir', str(data), '--split', 'tset'], "split 'tset' not found"),
+           (['--dataset', 'torch/cifar10', '--data-dir', str(tmp_path / 'empty')], 'add --dataset-download'),
+           (['--baseline', str(tmp_path / 'nowhere')], 'does not exist')]
+    for extra, names in bad:
+        with pytest.raises(ValueError, match=names):
+            publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run',
+                          '--out', str(staged), *extra])
+        assert _files(staged) == before, extra
+    # the flag the torchvision error suggests is one publish has, as validate does
+    from sd_zoo.publishing import build_publish_parser
+    assert build_publish_parser().parse_args(['run', '--repo-id', REPO_ID, '--dataset-download']).dataset_download
+
+
+@pytest.mark.slow
+def test_card_names_the_data_set_only_when_known(trained_run, tmp_path):
+    run_dir, data = trained_run
+    common = [str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--data-dir', str(data)]
+    # a generated 10-class folder is not CIFAR-10: the card and config name no data set
+    unknown = tmp_path / 'unknown'
+    assert publish_main([*common, '--out', str(unknown)])['tag'] is None
+    card, config = (unknown / 'README.md').read_text(), json.loads((unknown / 'config.json').read_text())
+    meta = card.split('---')[1]
+    assert 'CIFAR-10' not in card and 'datasets:' not in meta and 'model-index' not in meta
+    assert '## Against published weights' not in card and 'an image data set that the run does not name' in card
+    assert '| test split | 20 |' in card
+    assert 'label_names' not in config and 'tag' not in config['pretrained_cfg']
+    # --model NAME.TAG names it; the input normalization stays the one the run trained with (CIFAR-10's)
+    svhn = tmp_path / 'svhn'
+    assert publish_main([*common, '--out', str(svhn), '--model', 'sd_resnet20.svhn'])['tag'] == 'svhn'
+    card, config = (svhn / 'README.md').read_text(), json.loads((svhn / 'config.json').read_text())
+    assert 'trained with stochastic depth on SVHN' in card and 'CIFAR-10' not in card
+    assert config['pretrained_cfg']['tag'] == 'svhn' and 'label_names' not in config
+    assert config['pretrained_cfg']['mean'] == [0.4914, 0.4822, 0.4465]
+    # a tag that contradicts the weights or another statement is an error
+    with pytest.raises(ValueError, match='says the run trained on cifar100 \\(100 classes\\), but the weights have 10'):
+        publish_main([*common, '--out', str(tmp_path / 'x'), '--tag', 'cifar100'])
+    with pytest.raises(ValueError, match='stated two ways \\(--tag says svhn, --model says cifar10\\)'):
+        publish_main([*common, '--out', str(tmp_path / 'x'), '--tag', 'svhn', '--model', 'sd_resnet20.cifar10'])
+    assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.slow
+def test_config_carries_the_runs_own_normalization(trained_run, tmp_path):
+    _, data = trained_run
+    run = _train(data, tmp_path / 'runs', 'own_norm', '--mean', '0.5', '0.5', '0.5', '--std', '0.25', '0.25', '0.25')
+    staged = tmp_path / 'staged'
+    publish_main([str(run), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out', str(staged)])
+    config = json.loads((staged / 'config.json').read_text())['pretrained_cfg']
+    assert config['mean'] == [0.5] * 3 and config['std'] == [0.25] * 3 and config['input_size'] == [3, 32, 32]
+    model = load_model(f'local-dir:{staged}')  # what the card's measurement and users resolve
+    import timm
+    assert tuple(timm.data.resolve_data_config(model=model)['mean']) == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.slow
+def test_baseline_is_validated_exactly_like_the_model(trained_run, tmp_path):
+    import sd_zoo
+    run_dir, data = trained_run
+    runs = tmp_path / 'runs'
+    c100 = ['--model', 'sd_resnet20.cifar100', '--model-ema', '--model-ema-decay', '0.5']
+    model = _train(data, runs, 'sd', *c100)
+    twin = _train(data, runs, 'constant', *c100, '--drop-path', '0')
+    common = [str(model), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--ema', '--data-dir', str(data)]
+    result = publish_main([*common, '--out', str(tmp_path / 'staged'), '--baseline', str(twin)])
+    # the twin's EMA weights, with CIFAR-100's normalization, as validate measures them
+    expected = sd_zoo.validate('sd_resnet20.cifar100', checkpoint=str(twin / 'last.pth.tar'), use_ema=True,
+                               data_dir=str(data), split='test', workers=0, device='cpu', quiet=True)
+    measured = result['baseline']['results']
+    assert measured['top1'] == expected['top1'] and measured['loss'] == pytest.approx(expected['loss'], abs=1e-5)
+    # a twin without EMA weights, or one that finished another number of epochs, is refused
+    with pytest.raises(ValueError, match='has no EMA weights'):
+        publish_main([*common, '--out', str(tmp_path / 'x'), '--baseline', str(run_dir)])
+    longer = _train(data, runs, 'longer', *c100, '--drop-path', '0', '--epochs', '2')
+    with pytest.raises(ValueError, match='finished 2 epochs, this run 1: compare runs that finished the same'):
+        publish_main([*common, '--out', str(tmp_path / 'x'), '--baseline', str(longer)])
+    assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.slow
+def test_private_push_to_an_existing_public_repo_is_refused(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    server, state, endpoint = start_hub()
+    try:
+        state.repos[REPO_ID] = {'main': {'sha': '0' * 40, 'files': {}}}  # made public earlier
+        staged = tmp_path / 'staged'
+        res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--private')
+        assert res.returncode == 2 and f"--private: '{REPO_ID}' already exists and is public" in res.stderr
+        assert state.commits == [] and not staged.exists()  # checked before staging
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_push_removes_only_its_temporary_staging_folder(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    server, state, endpoint = start_hub()
+    temp = tmp_path / 'tmp'
+    temp.mkdir()
+    (temp / 'someone_elses.txt').write_text('kept')
+    try:
+        res = _publish(run_dir, None, _env(endpoint, tmp_path, TMPDIR=str(temp)), '--private')
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(state.commits) == 1 and state.private[REPO_ID] is True  # a new repo, created private
+    finally:
+        server.shutdown()
+    assert not list(temp.glob('sd-zoo-*')) and (temp / 'someone_elses.txt').read_text() == 'kept'
