@@ -29,7 +29,6 @@ _logger = logging.getLogger('sd_zoo.data')
 TORCH_DATASETS = ('torch/cifar10', 'torch/cifar100', 'torch/svhn')
 DATASET_CHOICES_HELP = "'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn"
 LOADERS = ('auto', 'memory', 'timm')
-_TEST_SYNONYMS = ('test', 'validation', 'val', 'eval', 'evaluation')
 MAX_DECODED_BYTES = 8 << 30  # the in-memory loader takes data sets up to this size (decoded uint8)
 _CACHE_FORMAT = 1
 
@@ -100,11 +99,13 @@ def split_folder(source: DataSource, split: str) -> str:
 
 
 def _torch_split_is_train(source: DataSource, split: str) -> bool:
-    if split == 'train':
-        return True
-    if split in _TEST_SYNONYMS:
-        return False
-    raise ValueError(f'{source.dataset} has the splits train and test, not {split!r}')
+    """torchvision's data sets have train and test only; 'validation' is not read as test (timm's does), so
+    a run never picks its best epoch on test images without saying --val-split test."""
+    if split in ('train', 'test'):
+        return split == 'train'
+    raise ValueError(f'{source.dataset} has the splits train and test, not {split!r}: name one (test is never '
+                     f'read in place of a validation split; to validate on held-out training images, train with '
+                     f'--val-holdout N)')
 
 
 def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
@@ -114,6 +115,7 @@ def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
         if not source.dataset:
             ds = StrictImageDataset(split_folder(source, split), input_img_mode=source.img_mode)
             ds.classes = list(ds.reader.class_to_idx)
+            _check_class_folders(ds, source.describe(split))
             return ds
         train = _torch_split_is_train(source, split)
         from torchvision import datasets
@@ -124,9 +126,19 @@ def read_split(source: DataSource, split: str) -> torch.utils.data.Dataset:
             return ds
         cls = datasets.CIFAR10 if source.dataset == 'torch/cifar10' else datasets.CIFAR100
         return cls(source.data_root, train=train, download=source.download)
-    except (RuntimeError, FileNotFoundError) as e:
+    except (RuntimeError, OSError) as e:  # not downloaded, or a download that failed (URLError is an OSError)
         hint = ' (add --dataset-download)' if source.dataset and not source.download else ''
-        raise ValueError(f'cannot read {source.describe(split)}: {str(e).splitlines()[0]}{hint}') from e
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f'cannot read {source.describe(split)}: {detail}{hint}') from e
+
+
+def _check_class_folders(ds, what: str) -> None:
+    """Images directly in a split folder would be a class named '' (label 0, every other label shifted)."""
+    if '' in ds.reader.class_to_idx:
+        loose = next(os.path.relpath(p, ds.reader.root) for p, t in ds.reader.samples
+                     if t == ds.reader.class_to_idx[''])
+        raise ValueError(f'{what}: images lie directly in the split folder (e.g. {loose!r}); a split folder holds '
+                         f'one folder per class (SPLIT/CLASS/IMAGE)')
 
 
 def _image_error(path: str, error: Exception) -> ValueError:
@@ -221,18 +233,18 @@ def build_transforms(data_config: Dict[str, Any], *, cifar_aug: bool = False, no
 
 def timm_loader(ds, *, batch_size: int, training: bool, workers: int = 4, pin_memory: bool = False,
                 seed: int = 0, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
-    """A DataLoader; in training with several ranks each takes its shard (DistributedSampler)."""
-    sampler = None
-    if training and world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    """A DataLoader; in training each rank takes its shard of an order drawn from (seed, epoch), on one
+    process too (DistributedSampler), so that a resumed run sees the epochs' orders it would have seen."""
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True) if training else None
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler, drop_last=training,
-        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+        ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=training, num_workers=workers,
+        pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 def set_loader_epoch(loader, epoch: int) -> None:
-    """Each epoch's order (and augmentation, in memory) comes from (seed, epoch): resume continues it."""
+    """Each epoch's order (and, in memory, its augmentation) comes from (seed, epoch): a resume continues it.
+    timm's loader draws its augmentation in the workers, from torch's generator: that does not continue."""
     if isinstance(loader, TensorLoader):
         loader.set_epoch(epoch)
     elif getattr(loader, 'sampler', None) is not None and hasattr(loader.sampler, 'set_epoch'):
@@ -290,6 +302,15 @@ def _decode_file(path: str, mode: str = 'RGB'):
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+class InMemoryUnfit(ValueError):
+    """The split cannot be held in memory as the model takes it (sizes, memory): --loader auto then uses
+    timm's loader; an explicit --loader memory is an error that says to use timm's."""
+
+    def __init__(self, reason: str):
+        super().__init__(f'{reason}; use --loader timm')
+        self.reason = reason
+
+
 def _decode_folder(ds, max_bytes: int, workers: int, mode: str) -> DecodedImages:
     import numpy as np
     from functools import partial
@@ -297,15 +318,14 @@ def _decode_folder(ds, max_bytes: int, workers: int, mode: str) -> DecodedImages
     first = _decode_file(samples[0][0], mode)
     need = len(samples) * first.size
     if need > max_bytes:
-        raise ValueError(f'{len(samples)} images of {first.shape[1]}x{first.shape[0]} take {need / 2**30:.1f} GiB '
-                         f'decoded, over the in-memory limit of {max_bytes / 2**30:.1f} GiB: use --loader timm')
+        raise InMemoryUnfit(f'{len(samples)} images of {first.shape[1]}x{first.shape[0]} take {need / 2**30:.1f} '
+                            f'GiB decoded, over the in-memory limit of {max_bytes / 2**30:.1f} GiB')
     with ThreadPoolExecutor(max(1, workers)) as pool:
         arrays = list(pool.map(partial(_decode_file, mode=mode), (p for p, _ in samples), chunksize=256))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         sizes = ', '.join(f'{s[1]}x{s[0]}' for s in sorted(shapes)[:3])
-        raise ValueError(f'the images have different sizes ({sizes}, ...): the in-memory loader needs one size; '
-                         f'use --loader timm')
+        raise InMemoryUnfit(f'the images have different sizes ({sizes}, ...): the in-memory loader needs one size')
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([t for _, t in samples], dtype=torch.long)
     return DecodedImages(images, labels, list(ds.classes))
@@ -322,7 +342,7 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         images = data if source.dataset == 'torch/svhn' else data.permute(0, 3, 1, 2)
         labels = torch.as_tensor(ds.labels if source.dataset == 'torch/svhn' else ds.targets, dtype=torch.long)
         return DecodedImages(images.contiguous(), labels, list(ds.classes))
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes, source.img_mode)
     path = os.path.join(cache_dir(), f'{key}.safetensors')
     if use_cache and os.path.isfile(path):
@@ -335,16 +355,26 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
     _logger.info(f'{source.describe(split)}: decoding {len(ds)} images once into memory')
     decoded = _decode_folder(ds, max_bytes, workers, source.img_mode)
     if use_cache:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f'{path}.{os.getpid()}.tmp'
-        save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
-                  metadata={'root': os.path.abspath(ds.reader.root), 'classes': json.dumps(decoded.classes),
-                            'mode': source.img_mode})
-        try:
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
-        except FileNotFoundError:  # removed meanwhile (sd-zoo cache --clear): train on without caching
-            _logger.warning(f'could not cache the decoded images at {path}: the partial file was removed')
+        _write_cache(path, decoded, root=ds.reader.root, mode=source.img_mode)
     return decoded
+
+
+def _write_cache(path: str, decoded: DecodedImages, *, root: str, mode: str) -> None:
+    """The decoded split into the cache; a cache that cannot be written (read-only home, full disk, a
+    partial file removed by sd-zoo cache --clear) costs the next run a decode, never this run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
+                  metadata={'root': os.path.abspath(root), 'classes': json.dumps(decoded.classes), 'mode': mode})
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        _logger.warning(f'could not cache the decoded images at {path} ({type(e).__name__}: {e}); going on '
+                        f'without the cache (set SD_ZOO_CACHE to a writable folder)')
+        if os.path.isfile(tmp):
+            os.unlink(tmp)  # our own partial file
 
 
 def in_memory_reason(*, data_config: Dict[str, Any], training_aug: str) -> Optional[str]:
@@ -363,8 +393,8 @@ def check_image_size(data: DecodedImages, data_config: Dict[str, Any]) -> None:
     h, w = data.images.shape[-2:]
     want = tuple(data_config['input_size'][-2:])
     if (h, w) != want:
-        raise ValueError(f'the images are {w}x{h} but the model takes {want[1]}x{want[0]}: the in-memory loader '
-                         f'does not resize; use --loader timm')
+        raise InMemoryUnfit(f'the images are {w}x{h} but the model takes {want[1]}x{want[0]}: the in-memory '
+                            f'loader does not resize')
     if data.images.shape[1] != data_config['input_size'][0]:
         raise ValueError(f'the images have {data.images.shape[1]} channels but the model takes '
                          f'{data_config["input_size"][0]}')
@@ -516,8 +546,10 @@ def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_spli
     must exist and have the training split's classes."""
     kind = choose_loader(loader, data_config=data_config, aug=aug)
     if kind == 'memory':
-        train_all = decode_split(source, train_split, workers=workers)
-        check_image_size(train_all, data_config)
+        train_all = _decode_or_fallback(source, train_split, loader=loader, data_config=data_config,
+                                        workers=workers)
+        kind = 'timm' if train_all is None else kind
+    if kind == 'memory':
         read = lambda split: _checked(decode_split(source, split, workers=workers), train_all.classes, split)  # noqa
         subset = lambda data, idx: data.subset(idx)  # noqa: E731
         n = len(train_all)
@@ -561,6 +593,21 @@ def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_spli
     return Loaders(train=train, val=val, test=test, kind=kind, counts=counts, classes=list(train_all.classes))
 
 
+def _decode_or_fallback(source: DataSource, split: str, *, loader: str, data_config: Dict[str, Any],
+                        workers: int) -> Optional[DecodedImages]:
+    """The split decoded for the in-memory loader; None (timm's loader) where --loader auto meets images the
+    in-memory loader cannot take as they are (several sizes, another size than the model's, too many)."""
+    try:
+        data = decode_split(source, split, workers=workers)
+        check_image_size(data, data_config)
+        return data
+    except InMemoryUnfit as e:
+        if loader != 'auto':
+            raise
+        _logger.info(f'timm\'s loader: {e.reason}')
+        return None
+
+
 def _checked(data, train_classes: Sequence[str], split: str):
     check_same_classes(train_classes, data.classes, f'split {split!r}')
     return data
@@ -572,10 +619,10 @@ def build_eval_loader(source: DataSource, split: str, *, data_config: Dict[str, 
     """One split for evaluation (``sd-zoo validate``), either path; returns (loader, number of images).
     ``num_classes``: the model's outputs, which the split's classes must not outnumber."""
     kind = choose_loader(loader, data_config=data_config, aug=Augmentation(no_aug=True))
-    if kind == 'memory':
-        data = decode_split(source, split, workers=workers)
+    data = _decode_or_fallback(source, split, loader=loader, data_config=data_config, workers=workers) \
+        if kind == 'memory' else None
+    if data is not None:
         check_class_count(data.classes, num_classes, source.describe(split))
-        check_image_size(data, data_config)
         data = data.subset(random_indices(len(data), subset, seed))
         return TensorLoader(data, batch_size=batch_size, mean=data_config['mean'], std=data_config['std'],
                             device=device, training=False), len(data)

@@ -15,7 +15,7 @@ import torch
 
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import default_device, evaluate
-from .loading import load_model
+from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,9 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}')
+    if not (checkpoint or pretrained or model.startswith((HUB_PREFIX, LOCAL_PREFIX))):
+        raise ValueError(f'{model}: no weights to evaluate (it would be a random initialisation): give --pretrained, '
+                         f'--checkpoint FILE, hf-hub:ORG/NAME or local-dir:PATH')
     dev = default_device(device)
     net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
     if channels_last:

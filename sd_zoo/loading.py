@@ -47,6 +47,8 @@ def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]
     import timm
     if not os.path.isfile(path):
         raise ValueError(f'checkpoint {path!r} does not exist')
+    if use_ema:
+        check_has_ema(path)
     try:
         state_dict = timm.models.load_state_dict(path, use_ema=use_ema, weights_only=True)
     except Exception as e:  # torch.load / safetensors raise many types for a file that is not a checkpoint
@@ -57,6 +59,25 @@ def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]
             not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f'{path!r} holds no model state_dict')
     return state_dict
+
+
+EMA_KEYS = ('state_dict_ema', 'model_ema')  # where timm's load_state_dict looks for EMA weights
+
+
+def check_has_ema(path: str) -> None:
+    """timm's load_state_dict(use_ema=True) quietly returns the plain weights of a checkpoint without EMA
+    weights (and of any safetensors file): asking for EMA weights that are not there is an error."""
+    if path.endswith('.safetensors'):
+        raise ValueError(f'{path!r} is a safetensors file of one set of weights: it has no separate EMA weights '
+                         f'(drop --use-ema / --ema)')
+    from timm.utils import load_checkpoint_metadata
+    try:  # weights_only (timm allows its args Namespace), tensors memory-mapped: cheap
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception:
+        return  # not a checkpoint: read_state_dict says so
+    if isinstance(checkpoint, dict) and not any(k in checkpoint for k in EMA_KEYS):
+        raise ValueError(f'{path!r} has no EMA weights (its run trained without --model-ema): drop --use-ema / '
+                         f'--ema to use its weights')
 
 
 def shape_kwargs_from_weights(arch: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, int]:
@@ -104,7 +125,13 @@ def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_cl
     if checkpoint:
         state_dict = read_state_dict(checkpoint, use_ema=use_ema)
         kwargs = dict(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict), **kwargs)
-    model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+    except RuntimeError as e:  # timm: 'No pretrained weights exist for ...'
+        if not (pretrained and 'pretrained' in str(e)):
+            raise
+        raise ValueError(f'{name} has no pretrained weights: sd-zoo ships {", ".join(timm.list_pretrained("sd_*"))}'
+                         f' (or give --checkpoint)') from e
     if checkpoint:
         load_weights(model, checkpoint, use_ema=use_ema)
     return model.eval()
@@ -113,22 +140,24 @@ def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_cl
 # ---------------------------------------------------------------------------------------------- Hub / folders
 
 
-def parse_source(source: str) -> Tuple[str, str]:
-    """('hub', repo_id) or ('local', folder). ``local-dir:`` names a folder; anything else is a Hub repo id,
-    even if a folder of that name exists here."""
+def parse_source(source: str) -> Tuple[str, str, Optional[str]]:
+    """('hub', repo_id, revision) or ('local', folder, None). ``local-dir:`` names a folder; anything else is
+    a Hub repo id, even if a folder of that name exists here; ``ORG/NAME@REVISION`` pins a revision (as in
+    timm's ``hf-hub:`` names)."""
     if source.startswith(LOCAL_PREFIX):
         folder = source[len(LOCAL_PREFIX):]
         if not os.path.isdir(folder):
             raise ValueError(f'{source!r}: {folder!r} is not a folder')
-        return 'local', folder
+        return 'local', folder, None
     repo_id = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
+    repo_id, _, revision = repo_id.partition('@')
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         hint = f' (for the folder, write local-dir:{repo_id})' if os.path.isdir(repo_id) else ''
         raise ValueError(f'{repo_id!r} is not a Hub repository id ORG/NAME{hint}') from e
-    return 'hub', repo_id
+    return 'hub', repo_id, revision or None
 
 
 def _fetch(kind: str, where: str, filename: str, revision: Optional[str]) -> Optional[str]:
@@ -206,7 +235,10 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     folder (``local-dir:PATH``). ``model_name`` and ``num_classes``, when given, must match the weights."""
     import timm
     import sd_zoo  # noqa: F401  registers the architectures
-    kind, where = parse_source(source)
+    kind, where, pinned = parse_source(source)
+    if pinned and revision and pinned != revision:
+        raise ValueError(f'{source!r} pins the revision {pinned!r} but revision={revision!r} was given: give one')
+    revision = pinned or revision
     config = _read_config(kind, where, revision)
     arch = config['architecture']
     if not timm.models.is_model(arch):

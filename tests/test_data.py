@@ -84,6 +84,42 @@ def test_folder_errors(tmp_path, cache):
         DataSource(dataset='torch/imagenet')
     with pytest.raises(ValueError, match="train and test, not 'valid'"):
         sd_data.read_split(DataSource(dataset='torch/cifar10', root=str(tmp_path)), 'valid')
+    # timm reads 'validation' of a torchvision data set as its test split: here it is an error, so a run never
+    # chooses its best epoch on test images unless it says --val-split test
+    with pytest.raises(ValueError, match="train and test, not 'validation'.*--val-holdout"):
+        sd_data.read_split(DataSource(dataset='torch/cifar10', root=str(tmp_path)), 'validation')
+    # images lying in the split folder would be a class '' with label 0, shifting every other label
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'test' / 'loose.png')
+    with pytest.raises(ValueError, match="directly in the split folder.*'loose.png'"):
+        sd_data.read_split(source, 'test')
+
+
+def test_auto_loader_falls_back_to_timm_for_images_it_cannot_hold(tmp_path, cache):
+    """Images of several sizes, or of another size than the model's: --loader auto evaluates them with
+    timm's loader (which resizes), --loader memory says to use it."""
+    root = _image_folder(tmp_path / 'data', size=10)
+    Image.fromarray(np.zeros((12, 9, 3), np.uint8)).save(root / 'test' / 'cat' / 'odd.png')
+    cfg = dict(CIFAR_CFG, input_size=(3, 8, 8))
+    source = DataSource(root=str(root))
+    loader, n = build_eval_loader(source, 'test', data_config=cfg, batch_size=4, loader='auto', workers=0)
+    assert n == 13 and not isinstance(loader, TensorLoader)
+    assert next(iter(loader))[0].shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match='different sizes.*--loader timm'):
+        build_eval_loader(source, 'test', data_config=cfg, batch_size=4, loader='memory', workers=0)
+    loaders = build_loaders(source, data_config=cfg, train_split='train', val_split=None, test_split=None,
+                            batch_size=4, eval_batch_size=4, aug=Augmentation(cifar_aug=True), loader='auto',
+                            workers=0)
+    assert loaders.kind == 'timm' and next(iter(loaders.train))[0].shape[-2:] == (8, 8)
+
+
+def test_an_unwritable_cache_costs_a_decode_not_the_run(tmp_path, monkeypatch, caplog):
+    root = _image_folder(tmp_path / 'data')
+    blocker = tmp_path / 'not-a-folder'
+    blocker.write_text('a file where the cache folder would be')
+    monkeypatch.setenv('SD_ZOO_CACHE', str(blocker))
+    decoded = decode_split(DataSource(root=str(root)), 'train')
+    assert decoded.images.shape == (12, 3, 8, 8)
+    assert 'could not cache the decoded images' in caplog.text and blocker.read_text().startswith('a file')
 
 
 @pytest.mark.parametrize('loader', ['memory', 'timm'])
@@ -287,3 +323,16 @@ def test_cache_command_lists_prunes_stale_entries_and_keeps_other_files(tmp_path
     assert user_file.exists()
     with pytest.raises(SystemExit):  # argparse: not allowed together
         main(['cache', '--prune', '--clear'])
+
+
+def test_timm_loader_order_comes_from_seed_and_epoch():
+    """On one process too: a resumed run (a new loader, set to epoch k) sees epoch k's order."""
+    ds = torch.utils.data.TensorDataset(torch.arange(40))
+
+    def order(epoch, seed=3):
+        torch.manual_seed(epoch * 7 + 1)  # the global generator must not matter
+        loader = sd_data.timm_loader(ds, batch_size=8, training=True, workers=0, seed=seed)
+        sd_data.set_loader_epoch(loader, epoch)
+        return torch.cat([b[0] for b in loader]).tolist()
+    assert order(2) == order(2) and order(2) != order(3) and order(2) != order(2, seed=4)
+    assert sorted(order(2)) == list(range(40))
