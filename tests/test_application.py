@@ -10,7 +10,7 @@ import yaml
 
 import sd_zoo
 from sd_zoo.cli import main
-from sd_zoo.loading import check_model_name, load_model
+from sd_zoo.loading import check_model_name, load_model, parse_source
 
 
 @pytest.fixture(scope='module')
@@ -41,6 +41,9 @@ def test_model_names_and_tags():
         check_model_name('sd_resnet20.imagenet')
     with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
         check_model_name('resnet9000')
+    # a Hub name may pin a revision as in timm's hf-hub: names; a folder is local-dir:, never a Hub id
+    assert parse_source('hf-hub:org/sd_resnet20@v1.0') == ('hub', 'org/sd_resnet20', 'v1.0')
+    assert parse_source('org/sd_resnet20') == ('hub', 'org/sd_resnet20', None)
 
 
 def test_train_with_a_tagged_name_takes_the_tag_config(tiny_folder, tmp_path):
@@ -62,7 +65,8 @@ def test_publish_imagenet_family_checkpoint_without_args_yaml(tmp_path):
     torch.save({'arch': 'sd_resnet18', 'state_dict': model.state_dict(), 'epoch': 3}, ckpt)
     staged = tmp_path / 'staged'
     res = sd_zoo.publish(str(ckpt), repo_id='org/sd18', dry_run=True, out=str(staged))
-    assert res['architecture'] == 'sd_resnet18' and res['tag'] == 'in1k'
+    # 10 classes and no args.yaml: nothing names the data set, so the card names none (not ImageNet-1k)
+    assert res['architecture'] == 'sd_resnet18' and res['tag'] is None
     config = json.loads((staged / 'config.json').read_text())
     assert config['model_args']['num_classes'] == 10 and config['model_args']['in_chans'] == 3
     assert 'depth' not in config['model_args']
@@ -78,9 +82,9 @@ def test_publish_a_one_channel_run_with_model_index(tiny_folder, tmp_path):
     run = _train(tiny_folder, tmp_path, 'gray', '--model', 'sd_resnet20', '--in-chans', '1')
     staged = tmp_path / 'staged'
     # a 1-channel model is not validated on RGB images: publish without data_dir, then check the files
-    res = sd_zoo.publish(str(run), repo_id='org/gray20', dry_run=True, out=str(staged))
+    res = sd_zoo.publish(str(run), repo_id='org/gray20', checkpoint='last', dry_run=True, out=str(staged))
     config = json.loads((staged / 'config.json').read_text())
-    assert config['model_args']['in_chans'] == 1 and res['tag'] == 'cifar10'
+    assert config['model_args']['in_chans'] == 1 and res['tag'] is None  # a generated folder names no data set
     model = load_model(f'local-dir:{staged}')
     assert model.conv1.weight.shape[1] == 1
 
@@ -88,8 +92,9 @@ def test_publish_a_one_channel_run_with_model_index(tiny_folder, tmp_path):
 def test_model_card_carries_model_index(tiny_folder, tmp_path):
     run = _train(tiny_folder, tmp_path, 'rgb', '--model', 'sd_resnet20')
     staged = tmp_path / 'staged'
-    res = sd_zoo.publish(str(run), repo_id='org/rgb20', dry_run=True, out=str(staged), data_dir=str(tiny_folder),
-                         split='test')
+    # the last epoch (model_best was chosen on this test split); --model NAME.TAG names the data set
+    res = sd_zoo.publish(str(run), repo_id='org/rgb20', model='sd_resnet20.cifar10', checkpoint='last', dry_run=True,
+                         out=str(staged), data_dir=str(tiny_folder), split='test')
     card = (staged / 'README.md').read_text()
     meta = yaml.safe_load(card.split('---')[1])
     entry = meta['model-index'][0]

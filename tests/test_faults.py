@@ -57,6 +57,8 @@ class World:
         _folder(tmp / 'other_classes', classes=3, per_class=(('test', 2),))
         (tmp / 'other_classes' / 'test' / 'class2').rename(tmp / 'other_classes' / 'test' / 'zebra')
         self.tiny = _folder(tmp / 'tiny', size=1)
+        self.loose = _folder(tmp / 'loose', per_class=(('test', 1),))
+        Image.new('RGB', (32, 32)).save(self.loose / 'test' / 'stray.png')
         self.junk = tmp / 'junk.pth.tar'
         self.junk.write_bytes(b'not a checkpoint')
         self.a_file = tmp / 'a_file.txt'
@@ -67,7 +69,8 @@ class World:
         self.yaml = {}
         for name, text in (('float_epochs', 'epochs: 1.5\n'), ('unknown_key', 'not_a_flag: 3\n'),
                            ('a_list', '- epochs\n- 3\n'), ('broken', 'epochs: [1, 2\n'),
-                           ('bad_choice', 'clip_mode: sideways\n'), ('str_lr', 'lr: fast\n')):
+                           ('bad_choice', 'clip_mode: sideways\n'), ('str_lr', 'lr: fast\n'),
+                           ('scale_scalar', 'scale: 0.5\n'), ('mean_empty', 'mean: []\n')):
             self.yaml[name] = tmp / f'{name}.yaml'
             self.yaml[name].write_text(text)
         self.local = {}
@@ -91,6 +94,11 @@ class World:
         (self.broken_run / 'args.yaml').write_text('model: [unclosed\n')
         self.empty_run = tmp / 'empty_run'
         self.empty_run.mkdir()
+        self.bare = tmp / 'bare_weights.pth'  # a state_dict alone: no epoch, no optimizer
+        torch.save(_checkpoint(self.run / 'last.pth.tar')['state_dict'], self.bare)
+        self.foreign = tmp / 'foreign_run' / 'last.pth.tar'  # a checkpoint without args.yaml beside it
+        self.foreign.parent.mkdir()
+        self.foreign.write_bytes((self.run / 'last.pth.tar').read_bytes())
 
     def train_args(self, data: Optional[Path] = None) -> List[str]:
         return ['--data-dir', str(data or self.data), '--model', 'sd_resnet20', '--epochs', '1', '-b', '8', '-j', '0',
@@ -121,8 +129,10 @@ def T(w: World, *extra: str, data: Optional[Path] = None, experiment: str = '') 
     return ['train', *w.train_args(data), '--experiment', experiment or f'e{next(_names)}', *extra]
 
 
-def V(w: World, *extra: str, data: Optional[Path] = None, model: str = 'sd_resnet20') -> List[str]:
-    return ['validate', '--model', model, *w.validate_args(data), *extra]
+def V(w: World, *extra: str, data: Optional[Path] = None, model: str = 'sd_resnet20', weights: bool = True) -> List[str]:
+    """``sd-zoo validate`` of ``model`` (with its pretrained weights, where it has any and no other weights are
+    given) on the world's data."""
+    return ['validate', '--model', model, *w.validate_args(data), *(['--pretrained'] if weights else []), *extra]
 
 
 def P(w: World, *extra: str, source: Optional[Path] = None, out: Optional[Path] = None) -> List[str]:
@@ -185,7 +195,34 @@ BAD_INPUTS = [
         'no such checkpoint file'),
     Bad('train-resume-junk', lambda w: T(w, '--resume', str(w.junk)), 'cannot resume from'),
     Bad('train-resume-other-model', lambda w: T(w, '--model', 'sd_resnet32', '--resume', str(w.run / 'last.pth.tar')),
-        'cannot resume from'),
+        "--model 'sd_resnet20' (now 'sd_resnet32')"),
+    Bad('train-resume-foreign-other-model', lambda w: T(w, '--model', 'sd_resnet32', '--epochs', '2', '--resume',
+                                                        str(w.foreign)), 'cannot resume from'),
+    Bad('train-resume-bare-state-dict', lambda w: T(w, '--resume', str(w.bare)),
+        'is not a training checkpoint (it has no epoch, state_dict, optimizer)'),
+    Bad('train-resume-other-lr', lambda w: T(w, '--lr', '0.1', '--resume', str(w.run / 'last.pth.tar')),
+        '--lr 0.05 (now 0.1)'),
+    Bad('train-resume-other-opt', lambda w: T(w, '--opt', 'adamw', '--resume', str(w.run / 'last.pth.tar')),
+        "--opt 'sgd' (now 'adamw')"),
+    Bad('train-resume-other-holdout', lambda w: T(w, '--val-holdout', '10', '--seed', '3', '--resume',
+                                                  str(w.run / 'last.pth.tar')), '--val-holdout 0 (now 10), --seed 42'),
+    Bad('train-resume-other-classes', lambda w: T(w, '--num-classes', '12', '--resume', str(w.run / 'last.pth.tar')),
+        '--num-classes 10 (now 12)'),
+    Bad('train-resume-finished', lambda w: T(w, '--resume', str(w.run / 'last.pth.tar')),
+        'the run already finished its 1 epoch (--resume'),
+    Bad('train-resume-start-epoch-in-place', lambda w: ['train', *w.train_args(), '--epochs', '3', '--start-epoch', '0',
+                                                        '--resume', str(w.run / 'last.pth.tar')],
+        '--start-epoch with --resume in the run\'s own folder'),
+    Bad('train-decay-epochs-0', lambda w: T(w, '--sched', 'step', '--decay-epochs', '0'),
+        '--decay-epochs must be greater than 0'),
+    Bad('train-decay-epochs-negative', lambda w: T(w, '--sched', 'step', '--decay-epochs', '-5'),
+        '--decay-epochs must be greater than 0'),
+    Bad('train-mean-two-values', lambda w: T(w, '--mean', '0.5', '0.5'),
+        '--mean takes 1 value or one per input channel (3), got 2'),
+    Bad('train-std-three-for-one-channel', lambda w: T(w, '--in-chans', '1', '--std', '0.2', '0.2', '0.2'),
+        '--std takes 1 value or one per input channel (1), got 3'),
+    Bad('train-yaml-scale-scalar', lambda w: T(w, '--config', str(w.yaml['scale_scalar'])), 'scale takes 2 values'),
+    Bad('train-yaml-mean-empty', lambda w: T(w, '--config', str(w.yaml['mean_empty'])), 'mean takes at least one'),
     Bad('train-initial-checkpoint-junk', lambda w: T(w, '--initial-checkpoint', str(w.junk)),
         'is not a timm checkpoint'),
     Bad('train-reuse-experiment', lambda w: T(w, experiment='run'), 'already holds a run'),
@@ -229,6 +266,13 @@ BAD_INPUTS = [
     Bad('validate-unknown-tag', lambda w: V(w, model='sd_resnet20.imagenet'), 'unknown tag'),
     Bad('validate-corrupt-image', lambda w: V(w, '--split', 'train', data=w.corrupt), 'class3/1.png'),
     Bad('validate-batch-size-0', lambda w: V(w, '-b', '0'), '--batch-size must be at least 1'),
+    Bad('validate-no-weights', lambda w: V(w, weights=False), 'no weights to evaluate'),
+    Bad('validate-no-pretrained-weights', lambda w: V(w, model='sd_resnet110'), 'sd_resnet110 has no pretrained'),
+    Bad('validate-use-ema-without-ema', lambda w: V(w, '--checkpoint', str(w.run / 'last.pth.tar'), '--use-ema'),
+        'has no EMA weights'),
+    Bad('validate-torch-cifar-validation-split', lambda w: V(w, '--dataset', 'torch/cifar10', '--split', 'validation'),
+        "train and test, not 'validation'"),
+    Bad('validate-images-outside-class-folders', lambda w: V(w, data=w.loose), "directly in the split folder"),
     Bad('validate-1x1-images-memory', lambda w: V(w, '--loader', 'memory', data=w.tiny), 'the images are 1x1'),
     # sd-zoo publish
     Bad('publish-out-is-a-file', lambda w: P(w, out=w.a_file), 'is a file, not a folder'),
@@ -240,7 +284,9 @@ BAD_INPUTS = [
     Bad('publish-other-arch', lambda w: P(w, '--model', 'sd_resnet32'), 'do not fit'),
     Bad('publish-baseline-not-constant', lambda w: P(w, '--baseline', str(w.run)), 'constant-depth twin'),
     Bad('publish-args-yaml-broken', lambda w: P(w, source=w.broken_run), 'is not valid YAML'),
-    Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no model_best.pth.tar'),
+    Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no last.pth.tar'),
+    Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
+    Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "chosen by its accuracy on the 'test'"),
     # sd-zoo bench
     Bad('bench-model-not-sd', lambda w: B(w, '--model', 'resnet50'), "unknown sd-zoo model 'resnet50'"),
     Bad('bench-steps-0', lambda w: B(w, '--steps', '0'), '--steps must be at least 1'),
@@ -348,6 +394,66 @@ def test_reused_output_folder_is_untouched(world: World, capsys):
     rc, err = run_cli(T(world, experiment='run'), capsys)
     assert rc == 2 and f'--resume {world.run / "last.pth.tar"}' in err
     assert {p.name: p.stat().st_mtime_ns for p in world.run.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------- resume and runs
+
+
+def _files(folder: Path) -> Dict[str, tuple]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+def test_resume_of_a_run_without_ema_starts_the_ema_from_its_weights(world: World, tmp_path: Path):
+    """With a decay of 1 the EMA never moves: it must hold the resumed weights, not the untrained ones."""
+    assert main(['train', *world.train_args(), '--output', str(tmp_path), '--experiment', 'ema', '--epochs', '2',
+                 '--model-ema', '--model-ema-decay', '1.0', '--resume', str(world.run / 'last.pth.tar')]) == 0
+    resumed, ema = _state(world.run / 'last.pth.tar'), _checkpoint(tmp_path / 'ema' / 'last.pth.tar')['state_dict_ema']
+    floats = [k for k, v in resumed.items() if v.is_floating_point()]
+    assert floats and all(torch.equal(ema[k], resumed[k]) for k in floats)
+
+
+def test_resume_of_a_finished_run_is_an_error_that_touches_nothing(world: World, capsys):
+    before = _files(world.run)
+    rc, err = run_cli(['train', *world.train_args(), '--resume', str(world.run / 'last.pth.tar')], capsys)
+    lines = error_lines(err, 'train')
+    assert rc == 2 and len(lines) == 1 and 'the run already finished its 1 epoch' in lines[0], err[-3000:]
+    assert 'give a larger --epochs' in lines[0] and _files(world.run) == before  # results.json not rewritten
+
+
+def test_test_split_of_a_local_dir_model_is_evaluated(world: World, tmp_path: Path):
+    """--val-holdout reports the test split at the best epoch, with the model built as for training."""
+    from timm.models import save_for_hf
+    folder = tmp_path / 'local_sd_resnet20'
+    save_for_hf(timm.create_model('sd_resnet20'), folder, safe_serialization=True)  # config.json with 32x32 input
+    assert main(['train', *world.train_args(), '--model', f'local-dir:{folder}', '--val-holdout', '10',
+                 '--model-ema', '--output', str(tmp_path), '--experiment', 'local']) == 0
+    results = json.loads((tmp_path / 'local' / 'results.json').read_text())
+    assert results['test']['split'] == 'test' and results['test']['epoch'] == results['best_epoch'] == 0
+    assert 0 <= results['test']['top1'] <= 100
+
+
+def test_sched_none_keeps_the_lr_through_epochs_and_a_resume(world: World, tmp_path: Path):
+    args = [*world.train_args(), '--output', str(tmp_path), '--sched', 'none', '--warmup-epochs', '1']
+    assert main(['train', *args, '--experiment', 'none', '--epochs', '2']) == 0
+    assert main(['train', *args, '--epochs', '3', '--resume', str(tmp_path / 'none' / 'last.pth.tar')]) == 0
+    rows = _rows(tmp_path / 'none' / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1', '2'] and {float(r['lr']) for r in rows} == {0.05}
+
+
+def test_in_place_resume_from_an_older_checkpoint_keeps_the_later_epochs(world: World, tmp_path: Path, capsys):
+    args = [*world.train_args(), '--output', str(tmp_path), '--epochs', '2']
+    assert main(['train', *args, '--experiment', 'run']) == 0
+    run = tmp_path / 'run'
+    before = _files(run)
+    rc, err = run_cli(['train', *args, '--epochs', '3', '--resume', str(run / 'checkpoint-0.pth.tar')], capsys)
+    lines = error_lines(err, 'train')
+    assert rc == 2 and len(lines) == 1 and 'would drop epoch 1 ' in lines[0] and '--experiment NAME' in lines[0]
+    assert _files(run) == before  # no row dropped, no checkpoint replaced
+    # from that epoch in a new folder, and the run itself from its last.pth.tar, both work
+    assert main(['train', *args, '--experiment', 'branch', '--resume', str(run / 'checkpoint-0.pth.tar')]) == 0
+    assert [r['epoch'] for r in _rows(tmp_path / 'branch' / 'summary.csv')] == ['1']
+    assert main(['train', *args, '--epochs', '3', '--resume', str(run / 'last.pth.tar')]) == 0
+    assert [r['epoch'] for r in _rows(run / 'summary.csv')] == ['0', '1', '2']
 
 
 # ---------------------------------------------------------------------------------------------- kills
@@ -544,8 +650,8 @@ def test_publish_to_a_faulty_hub(mode: str, path: str, world: World, hub_env, ca
     staged = tmp_path / 'staged'
     try:
         start = time.monotonic()
-        rc, err = run_cli(['publish', str(world.run), '--repo-id', 'org/faulty', '--out', str(staged),
-                           '--token', 'hf_test'], capsys)
+        rc, err = run_cli(['publish', str(world.run), '--repo-id', 'org/faulty', '--checkpoint', 'last',
+                           '--out', str(staged), '--token', 'hf_test'], capsys)
         elapsed = time.monotonic() - start
     finally:
         if server is not None:
@@ -564,7 +670,7 @@ def test_publish_to_a_faulty_hub(mode: str, path: str, world: World, hub_env, ca
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_model(f'local-dir:{staged}')(x), load_model('sd_resnet20', str(world.run /
-                                                                                              'model_best.pth.tar'))(x))
+                                                                                              'last.pth.tar'))(x))
 
 
 DOWNLOAD_FAULTS = [('refuse', '', 'Connection refused'), ('hang', '/resolve/', 'gave no answer in 2 s'),
@@ -601,7 +707,8 @@ def test_publish_command_against_a_hanging_hub_exits_in_bounded_time(world: Worl
     try:
         start = time.monotonic()
         res = subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'publish', str(world.run), '--repo-id', 'org/hang',
-                              '--out', str(staged)], capture_output=True, text=True, env=env, timeout=300)
+                              '--checkpoint', 'last', '--out', str(staged)], capture_output=True, text=True, env=env,
+                             timeout=300)
         elapsed = time.monotonic() - start
     finally:
         stop_hub(server)
