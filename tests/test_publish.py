@@ -286,12 +286,15 @@ def test_best_checkpoint_chosen_on_the_test_split_is_refused(trained_run, tmp_pa
     for extra in (['--data-dir', str(data)], []):  # measured on that split, or not measured: test data either way
         with pytest.raises(ValueError, match=r"chosen by its accuracy on the 'test' split .*\(--checkpoint "
                                              r"last\), or train with --val-holdout"):
-            publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged), *extra])
+            publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'best', '--dry-run', '--out',
+                          str(staged), *extra])
         assert not staged.exists()  # refused before anything was written
+    publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)])  # the default: last
+    assert '`last.pth.tar`' in (staged / 'README.md').read_text()
     # chosen on held-out training images: model_best is fine, and the card says which weights it shows
     held_out = _train(data, tmp_path / 'runs', 'held_out', '--val-holdout', '10')
-    result = publish_main([str(held_out), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
-                           '--data-dir', str(data)])
+    result = publish_main([str(held_out), '--repo-id', REPO_ID, '--checkpoint', 'best', '--dry-run', '--out',
+                           str(staged), '--data-dir', str(data)])
     assert result['results']['images'] == 20 and '`model_best.pth.tar`' in (staged / 'README.md').read_text()
 
 
