@@ -280,8 +280,10 @@ def cache_dir() -> str:
 
 
 def _folder_key(samples: Sequence[Tuple[str, int]], root: str, classes: Sequence[str], mode: str) -> str:
-    """A key that changes when any file is added, removed, renamed, relabelled or modified."""
-    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, list(classes), mode]).encode())
+    """A key that changes when any file is added, removed, renamed, relabelled or modified, or when Pillow
+    (whose JPEG decoder's output can change between versions) is another version."""
+    import PIL
+    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, list(classes), mode, PIL.__version__]).encode())
     for path, label in samples:
         st = os.stat(path)
         h.update(f'{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())

@@ -198,6 +198,19 @@ def _fetch(kind: str, where: str, filename: str, revision: Optional[str]) -> Opt
         raise
 
 
+def _holds(kind: str, where: str, filename: str, revision: Optional[str]) -> bool:
+    """Whether a folder or Hub repo has ``filename``, without downloading it (for the error message only)."""
+    if kind == 'local':
+        return os.path.isfile(os.path.join(where, filename))
+    from huggingface_hub import HfApi
+    from .network import bounded_hub
+    try:
+        with bounded_hub():
+            return HfApi().file_exists(where, filename, revision=revision)
+    except Exception:  # offline, or the Hub fails now: the message then just does not list it
+        return False
+
+
 def _read_config(kind: str, where: str, revision: Optional[str]) -> Dict[str, Any]:
     path = _fetch(kind, where, 'config.json', revision)
     if path is None:
@@ -218,7 +231,7 @@ def _read_published_weights(kind: str, where: str, revision: Optional[str]) -> D
     from safetensors.torch import load_file
     weights = _fetch(kind, where, WEIGHTS_NAME, revision)
     if weights is None:
-        pickled = [n for n in PICKLE_NAMES if _fetch(kind, where, n, revision)]
+        pickled = [n for n in PICKLE_NAMES if _holds(kind, where, n, revision)]
         reason = f'only pickle weights ({", ".join(pickled)}), which sd-zoo does not load' if pickled else \
             f'no {WEIGHTS_NAME}'
         raise ValueError(f'{where!r} has {reason}: publish safetensors weights (sd-zoo publish)')

@@ -152,7 +152,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if m:
             repo_id, revision, filename = m.groups()
             branch = s.repos.get(repo_id, {}).get(revision)
-            if branch is None:
+            if branch is None:  # the Hub's error codes, which huggingface_hub turns into its error types
+                if repo_id in s.repos:
+                    return self._send(404, {'error': f'Invalid rev id: {revision}'},
+                                      headers={'X-Error-Code': 'RevisionNotFound'})
                 return self._send(404, {'error': 'Repository not found'},
                                   headers={'X-Error-Code': 'RepositoryNotFound'})
             data = branch['files'].get(filename)

@@ -62,6 +62,13 @@ def test_decode_matches_timm_reader_and_is_cached(tmp_path, cache, monkeypatch):
     assert len(list(cache.glob('*.safetensors'))) == 2
     idx = [i for i, (p, _) in enumerate(ds.reader.samples) if p.endswith(os.path.join('dog', '0.png'))][0]
     assert fresh.images[idx].sum() == 0 and not torch.equal(fresh.images, decoded.images)
+    # another Pillow may decode JPEGs to other pixels: another key
+    import PIL
+    key = sd_data.folder_cache_key(str(root / 'train'))
+    monkeypatch.setattr(PIL, '__version__', PIL.__version__ + '.other')
+    assert sd_data.folder_cache_key(str(root / 'train')) != key
+    monkeypatch.undo()
+    monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
     # a damaged cache file is decoded again, not trusted
     for f in cache.glob('*.safetensors'):
         f.write_bytes(b'garbage')

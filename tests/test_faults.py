@@ -715,3 +715,22 @@ def test_publish_command_against_a_hanging_hub_exits_in_bounded_time(world: Worl
     assert res.returncode == 2 and 'gave no answer in 3 s' in res.stderr, res.stderr[-3000:]
     assert elapsed < 120 and state.faulted >= 1 and state.commits == []
     assert (staged / 'model.safetensors').is_file()
+
+
+def test_a_hub_repo_with_pickle_weights_only_is_named_without_downloading_them(hub_env):
+    """The error lists the repo's pickle files from their metadata: sd-zoo never downloads (nor unpickles)
+    them. A pinned revision (hf-hub:ORG/NAME@REV) is the revision read."""
+    from sd_zoo.loading import load_published
+    server, state, endpoint = start_hub()
+    hub_env(endpoint)
+    config = json.dumps(dict(architecture='sd_resnet20', num_classes=10)).encode()
+    state.repos['org/pickled'] = {'main': {'sha': 'a' * 40, 'files': {'config.json': config,
+                                                                     'pytorch_model.bin': b'pickle bytes'}}}
+    try:
+        with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\)"):
+            load_published('hf-hub:org/pickled')
+        assert ('GET', '/org/pickled/resolve/main/pytorch_model.bin') not in state.requests
+        with pytest.raises(ValueError, match="no revision 'v2'"):
+            load_published('hf-hub:org/pickled@v2')
+    finally:
+        stop_hub(server)
