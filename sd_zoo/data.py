@@ -334,7 +334,7 @@ def _decode_folder(ds, max_bytes: int, workers: int, mode: str) -> DecodedImages
 
 
 def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED_BYTES,
-                 workers: int = 2, use_cache: bool = True) -> DecodedImages:
+                 workers: int = 2, use_cache: bool = True, size: Optional[Tuple[int, int]] = None) -> DecodedImages:
     """A split decoded to uint8 tensors. Folders are decoded once and cached (safetensors, keyed by the file
     list with sizes and modification times, so a changed folder is decoded again); torchvision's CIFAR and
     SVHN are arrays already."""
@@ -344,6 +344,8 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         images = data if source.dataset == 'torch/svhn' else data.permute(0, 3, 1, 2)
         labels = torch.as_tensor(ds.labels if source.dataset == 'torch/svhn' else ds.targets, dtype=torch.long)
         return DecodedImages(images.contiguous(), labels, list(ds.classes))
+    if size is not None and len(ds):  # the first image's header: no decoding (nor caching) of a folder to refuse
+        _check_size(_header_size(ds.reader.samples[0][0]), size)
     from safetensors.torch import load_file
     key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes, source.img_mode)
     path = os.path.join(cache_dir(), f'{key}.safetensors')
@@ -391,12 +393,24 @@ def in_memory_reason(*, data_config: Dict[str, Any], training_aug: str) -> Optio
     return None
 
 
+def _header_size(path: str) -> Tuple[int, int]:
+    """(height, width) from an image file's header."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _image_error(path, e) from e
+
+
+def _check_size(have: Tuple[int, int], want: Tuple[int, int]) -> None:
+    if tuple(have) != tuple(want):
+        raise InMemoryUnfit(f'the images are {have[1]}x{have[0]} but the model takes {want[1]}x{want[0]}: the '
+                            f'in-memory loader does not resize')
+
+
 def check_image_size(data: DecodedImages, data_config: Dict[str, Any]) -> None:
-    h, w = data.images.shape[-2:]
-    want = tuple(data_config['input_size'][-2:])
-    if (h, w) != want:
-        raise InMemoryUnfit(f'the images are {w}x{h} but the model takes {want[1]}x{want[0]}: the in-memory '
-                            f'loader does not resize')
+    _check_size(tuple(data.images.shape[-2:]), tuple(data_config['input_size'][-2:]))
     if data.images.shape[1] != data_config['input_size'][0]:
         raise ValueError(f'the images have {data.images.shape[1]} channels but the model takes '
                          f'{data_config["input_size"][0]}')
@@ -600,7 +614,7 @@ def _decode_or_fallback(source: DataSource, split: str, *, loader: str, data_con
     """The split decoded for the in-memory loader; None (timm's loader) where --loader auto meets images the
     in-memory loader cannot take as they are (several sizes, another size than the model's, too many)."""
     try:
-        data = decode_split(source, split, workers=workers)
+        data = decode_split(source, split, workers=workers, size=tuple(data_config['input_size'][-2:]))
         check_image_size(data, data_config)
         return data
     except InMemoryUnfit as e:

@@ -27,7 +27,8 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', default=None, help='dataset root')
     p.add_argument('--dataset', default='', help=f'dataset type: {DATASET_CHOICES_HELP}')
     p.add_argument('--dataset-download', action='store_true', default=False)
-    p.add_argument('--split', default='validation', help='split to evaluate (default: validation)')
+    p.add_argument('--split', default=None,
+                   help='split to evaluate (default: validation of an image folder, test of torch/* data sets)')
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--subset', type=int, default=0, help='evaluate N random images only')
     p.add_argument('-b', '--batch-size', type=int, default=256)
@@ -46,7 +47,7 @@ def build_validate_parser() -> argparse.ArgumentParser:
 
 def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_ema: bool = False,
              data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False,
-             split: str = 'validation', num_classes: Optional[int] = None, subset: int = 0, batch_size: int = 256,
+             split: Optional[str] = None, num_classes: Optional[int] = None, subset: int = 0, batch_size: int = 256,
              workers: int = 4, loader: str = 'auto', device: Optional[str] = None, amp: bool = False,
              amp_dtype: str = 'float16', channels_last: bool = False, results_file: str = '', seed: int = 42,
              quiet: bool = False) -> Dict[str, Any]:
@@ -55,6 +56,7 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
     """
     check_results_file(results_file)
+    split = split or ('test' if dataset else 'validation')  # torchvision's data sets have train and test only
     for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):
         if value < least:
             raise ValueError(f'{name} must be at least {least}, got {value}')

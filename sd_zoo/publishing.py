@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
-from .runs import Run, build_run_model, read_csv, resolve_run, training_times
+from .runs import Run, build_run_model, epochs_done, read_csv, resolve_run, training_times
 
 CIFAR10_LABELS = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png', 'survival_schedule.png')
@@ -112,15 +112,15 @@ def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = N
                      train_note: str = '') -> Plan:
     """Every check of a publication, before any file is written: a bad input leaves ``out_dir`` untouched."""
     weights = run_weights(resolve_run(source, which), model_name, use_ema)
+    check_selection(weights.run, data, '--checkpoint best')  # metadata only: before any data is read
     tag = dataset_tag(weights.model, weights.run.args, model_name, tag)
     if out_dir:
         check_out_dir(out_dir)
     twin = check_baseline(weights, baseline, which, use_ema) if baseline else None
-    if data:
-        check_data(data, weights)
-    check_selection(weights.run, data, '--checkpoint best')
     if twin:
         check_selection(twin.run, data, f'--baseline {baseline!r}')
+    if data:
+        check_data(data, weights)
     return Plan(repo_id=repo_id, weights=weights, tag=tag, use_ema=use_ema, data=data, baseline=twin,
                 data_note=data_note, train_note=train_note)
 
@@ -146,20 +146,22 @@ def _build_name(run: Run, model_name: Optional[str]) -> Optional[str]:
 
 def dataset_tag(model: torch.nn.Module, args: Dict[str, Any], model_name: Optional[str],
                 tag: Optional[str]) -> Optional[str]:
-    """The data set the weights were trained on, as stated (--tag, --model NAME.TAG, the run's tagged model
-    name or torchvision data set), else as the run's recipe or data folder names it; None when nothing names
-    it, and then the card names no data set (a class count says nothing about which data set it is)."""
-    stated = {where: value for where, value in (
-        ('--tag', tag), ('--model', _name_tag(model_name)), ("the run's model", _name_tag(args.get('model'))),
-        ("the run's dataset", _TORCH_DATASET_TAGS.get(args.get('dataset') or ''))) if value}
+    """The data set the weights were trained on: as the user states it (--tag, --model NAME.TAG), else the
+    run's torchvision data set, else the tag of the model name it trained (a starting config: only where its
+    class count fits) or the recipe or data folder it is named after; None when nothing names it, and then the
+    card names no data set (a class count says nothing about which data set it is)."""
+    stated = {where: value for where, value in (('--tag', tag), ('--model', _name_tag(model_name))) if value}
     if len(set(stated.values())) > 1:
         shown = ', '.join(f'{where} says {value}' for where, value in stated.items())
         raise ValueError(f'the data set of the run is stated two ways ({shown}): give one')
     if stated:
         where, value = next(iter(stated.items()))
         return _checked_tag(value, where, model.num_classes)
-    named = {_named_in(args.get(key)) for key in ('config', 'data_dir')} - {None}
-    fitting = {t for t in named if DATASET_CLASSES[t] == model.num_classes}
+    torch_tag = _TORCH_DATASET_TAGS.get(args.get('dataset') or '')
+    if torch_tag:
+        return _checked_tag(torch_tag, f"the run's --dataset {args['dataset']}", model.num_classes)
+    named = {_name_tag(args.get('model'))} | {_named_in(args.get(key)) for key in ('config', 'data_dir')}
+    fitting = {t for t in named - {None} if DATASET_CLASSES.get(t) == model.num_classes}
     return fitting.pop() if len(fitting) == 1 else None
 
 
@@ -298,8 +300,7 @@ def _check_same_schedule(run: Run, base: Run, baseline: str) -> None:
 
 
 def finished_epochs(run: Run) -> Optional[int]:
-    """Epochs the run completed, from its last checkpoint (timm's rule: version 2+ holds the finished epoch,
-    counted from 0); None when no checkpoint says."""
+    """Epochs the run completed, from its last checkpoint; None when no checkpoint says."""
     from timm.utils import load_checkpoint_metadata
     last = run.run_dir / 'last.pth.tar'
     try:
@@ -309,7 +310,7 @@ def finished_epochs(run: Run) -> Optional[int]:
     epoch = meta.get('epoch') if isinstance(meta, dict) else None
     if not isinstance(epoch, int):
         return None
-    return epoch + 1 if meta.get('version', 1) > 1 else epoch
+    return epochs_done(meta)
 
 
 # ---------------------------------------------------------------------------------------------- staging

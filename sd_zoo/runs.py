@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'read_csv', 'append_epoch_row', 'append_log_rows',
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -99,6 +99,12 @@ def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = 
         raise ValueError(f'{str(run.checkpoint)!r}: the run\'s model arguments do not fit {name} ({e})') from e
     load_weights(model, str(run.checkpoint), use_ema=use_ema)
     return model.eval()
+
+
+def epochs_done(meta: Dict[str, Any]) -> int:
+    """Epochs a timm training checkpoint has finished (timm's rule: from version 2 its ``epoch`` is the last
+    finished one, counted from 0), which is also the epoch a resume starts at."""
+    return meta['epoch'] + 1 if meta.get('version', 1) > 1 else meta['epoch']
 
 
 def read_csv(path: Path) -> List[Dict[str, str]]:

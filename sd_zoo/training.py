@@ -31,11 +31,12 @@ import yaml
 from timm.utils import CheckpointSaver, ParseKwargs
 
 from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, check_class_count, \
-    image_mode, resolve_data_config, set_loader_epoch
+    TORCH_DATASETS, image_mode, resolve_data_config, set_loader_epoch
 from .engine import default_device, evaluate, train_one_epoch
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, append_log_rows, reconcile_logs, resolve_run, write_atomic, write_epoch_record
+from .runs import EPOCH_RECORD, append_log_rows, epochs_done, reconcile_logs, resolve_run, write_atomic, \
+    write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -387,7 +388,7 @@ def _build_loaders(args, data_config, device):
                      '(train.py) and are not used')
     return build_loaders(
         source, data_config=data_config, train_split=args.train_split, val_split=args.val_split,
-        test_split=args.test_split or (args.val_split if args.val_holdout else None), batch_size=args.batch_size,
+        test_split=test_split_of(vars(args)), batch_size=args.batch_size,
         eval_batch_size=args.validation_batch_size or args.batch_size, aug=aug, loader=args.loader,
         val_holdout=args.val_holdout, train_subset=args.train_subset, val_subset=args.val_subset,
         workers=args.workers, pin_memory=args.pin_mem, seed=args.seed, rank=args.rank,
@@ -470,7 +471,7 @@ def _check_resume(args, output_dir: str, in_place: bool) -> int:
                              f"(or add --experiment NAME to start at another epoch in a new folder)")
     if args.start_epoch is not None:
         return args.start_epoch
-    return meta['epoch'] + 1 if meta.get('version', 1) > 1 else meta['epoch']  # timm's rule (version 2: done)
+    return epochs_done(meta)
 
 
 def _read_training_checkpoint(args) -> Dict[str, Any]:
@@ -491,13 +492,24 @@ def _read_training_checkpoint(args) -> Dict[str, Any]:
     return meta
 
 
+def test_split_of(values: Dict[str, Any]) -> Optional[str]:
+    """The split a run reports at its best validation epoch: --test-split; else, with --val-holdout (the paper's
+    protocol), the --val-split, or 'test' for a torchvision data set (train and test are all it has)."""
+    if values.get('test_split'):
+        return values['test_split']
+    if not values.get('val_holdout'):
+        return None
+    return 'test' if values.get('dataset') in TORCH_DATASETS else values.get('val_split')
+
+
 def _check_same_experiment(args) -> None:
     """The arguments of _SAME_ON_RESUME must be those of the run's args.yaml (beside the checkpoint); a foreign
     checkpoint without one is not checked."""
     stored = _experiment_values(resolve_run(args.resume).args)
     now = _experiment_values(vars(args))
+    # a value the run left unset (None: the model's classes, timm train.py's lr from --lr-base) is not compared
     differ = [f'--{k.replace("_", "-")} {_shown(v)} (now {_shown(now[k])})' for k, v in stored.items()
-              if v != now[k] and not (k == 'num_classes' and v is None)]  # None: the model's, unknown here
+              if v is not None and v != now[k]]
     if differ:
         raise ValueError(f'--resume {args.resume!r} continues a run with other arguments (its args.yaml): '
                          f'{", ".join(differ)}; give the run\'s values to continue it, or --initial-checkpoint '
@@ -508,8 +520,11 @@ def _experiment_values(values: Dict[str, Any]) -> Dict[str, Any]:
     """The _SAME_ON_RESUME values a run used (those it has), as comparable as arguments allow: lists for
     tuples, the test split that --val-holdout defaults to spelt out, the data folder by its name (it may move)."""
     out = {k: list(values[k]) if isinstance(values[k], tuple) else values[k] for k in _SAME_ON_RESUME if k in values}
-    if out.get('test_split', '') is None and values.get('val_holdout'):
-        out['test_split'] = values.get('val_split')
+    if 'test_split' in out:
+        out['test_split'] = test_split_of(values)
+    if values.get('dataset') in TORCH_DATASETS and 'val_split' in out:  # train and test only: what it meant
+        out['val_split'] = None if values.get('val_holdout') else \
+            'test' if out['val_split'] in ('validation', 'val', 'eval', 'evaluation') else out['val_split']
     if out.get('data_dir'):
         out['data_dir'] = os.path.basename(os.path.normpath(out['data_dir']))
     return out
@@ -543,7 +558,7 @@ def _schedule_epochs(args) -> int:
     """The epochs the run trains: --epochs plus any cooldown or warmup prefix timm's schedule adds. timm tells
     it with the scheduler; a stand-in optimizer asks it before any data is loaded (a bad --sched fails here)."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # counts epochs only
     return create_scheduler_v2(stand_in, **scheduler_kwargs(args), updates_per_epoch=1)[1]
 
 
@@ -825,7 +840,7 @@ def _test_at_best_epoch(args, output_dir: str, use_ema: bool, loader, device, ev
     model = create_run_model(args)
     load_weights(model, checkpoint, use_ema=use_ema)
     model = model.to(device).eval()
-    return dict(evaluate(model, loader, device, **eval_kwargs), split=args.test_split or args.val_split)
+    return dict(evaluate(model, loader, device, **eval_kwargs), split=test_split_of(vars(args)))
 
 
 def train(config: str = '', **options) -> Dict[str, Any]:

@@ -111,12 +111,21 @@ def test_auto_loader_falls_back_to_timm_for_images_it_cannot_hold(tmp_path, cach
     loader, n = build_eval_loader(source, 'test', data_config=cfg, batch_size=4, loader='auto', workers=0)
     assert n == 13 and not isinstance(loader, TensorLoader)
     assert next(iter(loader))[0].shape[-2:] == (8, 8)
-    with pytest.raises(ValueError, match='different sizes.*--loader timm'):
+    with pytest.raises(ValueError, match='the images are 10x10 but the model takes 8x8.*--loader timm'):
         build_eval_loader(source, 'test', data_config=cfg, batch_size=4, loader='memory', workers=0)
     loaders = build_loaders(source, data_config=cfg, train_split='train', val_split=None, test_split=None,
                             batch_size=4, eval_batch_size=4, aug=Augmentation(cifar_aug=True), loader='auto',
                             workers=0)
     assert loaders.kind == 'timm' and next(iter(loaders.train))[0].shape[-2:] == (8, 8)
+    # images of one size that is not the model's: refused from the first image's header, nothing decoded or cached
+    uniform = DataSource(root=str(_image_folder(tmp_path / 'uniform', size=10)))
+    loader, n = build_eval_loader(uniform, 'test', data_config=cfg, batch_size=4, loader='auto', workers=0)
+    assert n == 12 and not isinstance(loader, TensorLoader) and not list(cache.glob('*.safetensors'))
+    # validate's default split: an image folder's validation, a torchvision data set's test (it has no other)
+    import sd_zoo
+    with pytest.raises(ValueError, match="torch/cifar10 .*split 'test'"):
+        sd_zoo.validate('sd_resnet20', pretrained=True, dataset='torch/cifar10', data_dir=str(tmp_path / 'none'),
+                        quiet=True)
 
 
 def test_an_unwritable_cache_costs_a_decode_not_the_run(tmp_path, monkeypatch, caplog):

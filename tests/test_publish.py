@@ -412,3 +412,16 @@ def test_push_removes_only_its_temporary_staging_folder(trained_run, tmp_path):
     finally:
         server.shutdown()
     assert not list(temp.glob('sd-zoo-*')) and (temp / 'someone_elses.txt').read_text() == 'kept'
+
+
+def test_the_data_set_a_run_trained_on_beats_the_tag_it_started_from():
+    """A run fine-tuned from a tagged name (sd_resnet20.cifar10) on CIFAR-100 is a CIFAR-100 model; on an
+    unnamed folder with another class count it names no data set."""
+    import timm
+    from sd_zoo.publishing import dataset_tag
+    model = timm.create_model('sd_resnet20', num_classes=100)
+    assert dataset_tag(model, dict(model='sd_resnet20.cifar10', dataset='torch/cifar100'), None, None) == 'cifar100'
+    assert dataset_tag(model, dict(model='sd_resnet20.cifar10', data_dir='/data/flowers'), None, None) is None
+    assert dataset_tag(model, dict(model='sd_resnet20.cifar100', data_dir='/data/flowers'), None, None) == 'cifar100'
+    with pytest.raises(ValueError, match=r'--tag says the run trained on cifar10 \(10 classes\), but the weights'):
+        dataset_tag(model, dict(model='sd_resnet20.cifar100'), None, 'cifar10')
