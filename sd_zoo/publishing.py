@@ -463,7 +463,12 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
     if private and not dry_run:
         check_private_target(repo_id, token)
     out_dir = out or tempfile.mkdtemp(prefix='sd-zoo-publish-')
-    staged = stage(plan, out_dir)
+    try:
+        staged = stage(plan, out_dir)
+    except BaseException:
+        if not out:
+            shutil.rmtree(out_dir, ignore_errors=True)  # the temporary folder made above: half a staging
+        raise
     print(f'staged {", ".join(staged["files"])} in {out_dir}')
     if dry_run:
         return staged

@@ -400,11 +400,19 @@ def test_private_push_to_an_existing_public_repo_is_refused(trained_run, tmp_pat
 
 @pytest.mark.slow
 def test_push_removes_only_its_temporary_staging_folder(trained_run, tmp_path):
-    run_dir, _ = trained_run
+    run_dir, data = trained_run
     server, state, endpoint = start_hub()
     temp = tmp_path / 'tmp'
     temp.mkdir()
     (temp / 'someone_elses.txt').write_text('kept')
+    # a staging that fails half way (a corrupt test image met while measuring) leaves no temporary folder
+    bad_data = tmp_path / 'bad_data'
+    shutil.copytree(data, bad_data)
+    (bad_data / 'test' / 'class4' / '1.png').write_bytes(b'not an image')
+    res = _publish(run_dir, None, _env(endpoint, tmp_path, TMPDIR=str(temp)), '--dry-run', '--data-dir',
+                   str(bad_data))
+    assert res.returncode == 2 and 'class4/1.png' in res.stderr, res.stderr[-3000:]
+    assert not list(temp.glob('sd-zoo-*'))
     try:
         res = _publish(run_dir, None, _env(endpoint, tmp_path, TMPDIR=str(temp)), '--private')
         assert res.returncode == 0, res.stderr[-3000:]
