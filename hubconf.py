@@ -29,6 +29,9 @@ def _create(model_name: str, **kwargs):
 
 def _make_entrypoint(model_name: str):
     def entrypoint(pretrained: bool = False, hub_id: str = None, **kwargs):
+        if hub_id is not None and not pretrained:
+            raise ValueError(f'hub_id={hub_id!r} names weights to load: add pretrained=True (without it the model '
+                             f'is randomly initialised)')
         if not pretrained:
             return _create(model_name, **kwargs)
         cfg = _timm.models.get_pretrained_cfg(model_name)
@@ -39,7 +42,11 @@ def _make_entrypoint(model_name: str):
         if not hub_id:
             raise ValueError(f'{model_name} has no published weights yet: pass hub_id="ORG/NAME" of a repository '
                              f'made with sd-zoo publish')
-        return _load_published(hub_id, model_name=model_name, num_classes=kwargs.pop('num_classes', None), **kwargs)
+        num_classes = kwargs.pop('num_classes', None)
+        model = _load_published(hub_id, model_name=model_name, **kwargs)
+        if num_classes is not None and num_classes != model.num_classes:
+            model.reset_classifier(num_classes)  # a new head, as timm and the shipped weights give
+        return model.train()  # as timm.create_model returns it
 
     model_fn = _timm.models.model_entrypoint(model_name)
     entrypoint.__name__ = entrypoint.__qualname__ = model_name

@@ -447,7 +447,7 @@ def bench_memory(args, device) -> Dict[str, Any]:
             queue = ctx.Queue()
             proc = ctx.Process(target=_memory_worker, args=(args, variant, queue))
             proc.start()
-            res[variant] = queue.get(timeout=3600)
+            res[variant] = _result_of(proc, queue)
             proc.join()
     finally:
         if old is None:
@@ -467,9 +467,11 @@ def _compiled_graphs() -> int:
 
 
 def bench_compile(args, device) -> Dict[str, Any]:
-    """Compiled train steps: SD branches compiled by compile_blocks (batch gates eager; subset branches with a
-    dynamic batch dimension, since the kept count changes every step) against the whole constant model
-    compiled; the graphs each variant compiles are counted, to show that they stay bounded."""
+    """Compiled train steps, all by compile_blocks (branches compiled; batch gates eager; subset branches with a
+    dynamic batch dimension, since the kept count changes every step), constant depth included: a whole-model
+    torch.compile of the constant model would compile only its stem and head (a training block's forward is
+    compiler-disabled), which is not like for like. The graphs each variant compiles are counted, to show that
+    they stay bounded."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -488,7 +490,7 @@ def bench_compile(args, device) -> Dict[str, Any]:
         return run
     steps = {}
     for name, model in models.items():
-        compiled = torch.compile(model) if name == 'constant' else compile_blocks(model)
+        compiled = compile_blocks(model)
         steps[f'{name}_compiled'] = counted(name, _make_step(compiled, x, y, args, device))
     t0 = time.perf_counter()
     for step in steps.values():
@@ -498,7 +500,7 @@ def bench_compile(args, device) -> Dict[str, Any]:
     t_const = statistics.median(times['constant_compiled'])
     return dict(
         sd='sd_zoo.compile_blocks (branches compiled, gates eager; subset: dynamic batch dimension)',
-        constant='torch.compile(model) (whole model)',
+        constant='sd_zoo.compile_blocks at constant depth (every branch compiled, every block runs)',
         variants={name: _summary(t) for name, t in times.items()},
         ratio=statistics.median(times['sd_batch_compiled']) / t_const,
         ratio_subset=statistics.median(times['sd_subset_compiled']) / t_const,
@@ -528,9 +530,12 @@ def check_bench_args(args) -> None:
         raise ValueError(f'--drop-path (1 - p_L) must be in [0, 1), got {args.drop_path}')
     if args.model not in timm.list_models('sd_*'):
         raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
+    _check_input_size(args)
     if args.data_dir or args.dataset:
         from .data import DataSource
         DataSource(dataset=args.dataset, root=args.data_dir)  # checks the data set before the long part
+        if args.data_images < args.batch_size:
+            raise ValueError(f'--data-images {args.data_images} make no full batch of --batch-size {args.batch_size}')
         unknown = [m for m in args.data_models if m not in timm.list_models('sd_*')]
         if unknown:
             raise ValueError(f'--data-models: unknown sd-zoo model {", ".join(unknown)}')
@@ -538,6 +543,27 @@ def check_bench_args(args) -> None:
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
         raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
                                                       f'the folder {folder!r} does not exist'))
+
+
+def _check_input_size(args) -> None:
+    """One image through the model in eval mode: an input size it cannot take is this one-line error here,
+    not a crash in a DDP or memory child process minutes later."""
+    model = timm.create_model(args.model).eval()
+    size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+
+
+def _result_of(proc, queue) -> Dict[str, Any]:
+    """A child process's result; an error (not an hour's wait) when it exits without one."""
+    import queue as queues
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f'the memory-measuring process exited (code {proc.exitcode}) without a result: '
+                                   f'its error is above') from None
 
 
 def run_benchmark(args) -> Dict[str, Any]:
@@ -576,7 +602,9 @@ def run_benchmark(args) -> Dict[str, Any]:
 
 
 def format_table(results: Dict[str, Any]) -> str:
+    """The printed tables: every part that ran (the JSON has the same and more)."""
     lines = _format_train(results) if 'train' in results else [f"{results['environment']['device']}"]
+    lines += _format_sections(results)
     if 'data' in results:
         from .bench_data import format_data_table
         lines += format_data_table(results['data'])
@@ -602,6 +630,12 @@ def _format_train(results: Dict[str, Any]) -> List[str]:
     shares = ', '.join(f"{n} {costs['stage_share'][n]:.2f} x p {costs['stage_mean_survival'][n]:.2f}"
                        for n in costs['stage_share'])
     lines.append(f"{'limit (cost-weighted)':<28}{'':>10}{costs['limit_ratio']:>12.3f}   (block time: {shares})")
+    return lines
+
+
+def _format_sections(results: Dict[str, Any]) -> List[str]:
+    """DDP, eval, memory and compile tables, whichever ran (with or without the train-step table)."""
+    lines: List[str] = []
     if 'ddp' in results and 'variants' in results['ddp']:
         ddp = results['ddp']
         lines += ['', f"DDP {ddp['world_size']} ranks ({ddp['backend']}, {ddp['per_rank_batch']}/rank, "

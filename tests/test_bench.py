@@ -79,3 +79,14 @@ def test_bench_data_section_on_real_images(tmp_path, capsys):
         assert set(m['epoch_s'][kind]) == {'constant', 'sd_batch'} and all(t > 0 for t in m['epoch_s'][kind].values())
         assert m['epoch_ratio'][kind] > 0
     assert m['step_ratio'] > 0 and m['memory_speedup']['constant'] > 0
+
+
+def test_tables_of_the_parts_that_ran_are_printed_without_the_train_part():
+    """--skip train still prints the compile (and DDP, eval, memory) tables, not only the JSON."""
+    from sd_zoo.bench import format_table
+    compiled = dict(variants={n: dict(median_s=s) for n, s in (('sd_batch_compiled', 2.0), ('sd_subset_compiled', 2.2),
+                                                              ('constant_compiled', 2.5))},
+                    ratio=0.8, ratio_subset=0.88, distinct_gate_patterns=5, steps=6,
+                    graphs_per_variant=dict(sd_batch=4, sd_subset=6, constant=0))
+    table = format_table(dict(environment=dict(device='cpu'), compile=compiled))
+    assert 'SD / constant (compiled)         0.800' in table and 'constant_compiled' in table

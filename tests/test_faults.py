@@ -296,6 +296,10 @@ BAD_INPUTS = [
     Bad('bench-data-dir-missing', lambda w: B(w, '--data-dir', str(w.tmp / 'nowhere')), 'is not a folder'),
     Bad('bench-threads-0', lambda w: B(w, '--threads', '0'), '--threads must be at least 1'),
     Bad('bench-img-size-6', lambda w: B(w, '--img-size', '6'), '6x6 pixels'),
+    Bad('bench-img-size-6-memory-only', lambda w: B(w, '--img-size', '6', '--skip', 'train', 'ddp', 'eval'),
+        '6x6 pixels'),
+    Bad('bench-data-images-under-a-batch', lambda w: B(w, '--data-dir', str(w.data), '--data-images', '1'),
+        '--data-images 1 make no full batch'),
     # torch.hub (hubconf.py)
     Bad('hub-unknown-kwarg', hub_load('sd_resnet20', bogus_kwarg=1), 'bogus_kwarg', ValueError),
     Bad('hub-pretrained-unknown-kwarg', hub_load('sd_resnet20', pretrained=True, bogus_kwarg=1), 'bogus_kwarg',
@@ -307,6 +311,8 @@ BAD_INPUTS = [
     Bad('hub-bad-hub-id', hub_load('sd_resnet20', pretrained=True, hub_id='not a repo!'),
         'is not a Hub repository id', ValueError),
     Bad('hub-unknown-entrypoint', hub_load('sd_resnet9000'), 'sd_resnet9000', RuntimeError),
+    Bad('hub-hub-id-without-pretrained', hub_load('sd_resnet20', hub_id='org/some-model'), 'add pretrained=True',
+        ValueError),
     # timm.create_model with sd-zoo's models
     Bad('timm-unknown-kwarg', create('sd_resnet20', bogus_kwarg=1), 'bogus_kwarg', TypeError),
     Bad('timm-bad-rule', create('sd_resnet20', sd_rule='zigzag'), "rule 'zigzag'", ValueError),

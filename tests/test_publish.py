@@ -23,7 +23,7 @@ import sys, torch, timm, sd_zoo
 x = torch.load(sys.argv[1])
 out = {}
 out['timm'] = timm.create_model('hf-hub:%(repo)s', pretrained=True).eval()(x)
-out['hub'] = torch.hub.load(%(root)r, 'sd_resnet20', source='local', pretrained=True, hub_id='%(repo)s')(x)
+out['hub'] = torch.hub.load(%(root)r, 'sd_resnet20', source='local', pretrained=True, hub_id='%(repo)s').eval()(x)
 # a registered config that carries the hub id (and no shipped file) loads through timm's own hub path
 out['tag'] = timm.create_model('sd_resnet20.cifar10', pretrained=True,
                                pretrained_cfg_overlay=dict(hf_hub_id='%(repo)s', file=None)).eval()(x)
@@ -155,8 +155,14 @@ def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
     try:
         model = torch.hub.load('OWNER/sd-zoo:main', 'sd_resnet20', pretrained=True, hub_id=f'local-dir:{staged}',
                                trust_repo=True, skip_validation=True)
+        # timm's behaviour: a model in training mode, and num_classes gives a new head
+        rehead = torch.hub.load('OWNER/sd-zoo:main', 'sd_resnet20', pretrained=True, hub_id=f'local-dir:{staged}',
+                                num_classes=7, trust_repo=True, skip_validation=True)
     finally:
         torch.hub.set_dir(str(tmp_path / 'unused'))
+    assert model.training and rehead.num_classes == 7 and rehead.fc.out_features == 7
+    assert torch.equal(rehead.conv1.weight, model.conv1.weight)
+    model.eval()
     ref = load_model('sd_resnet20', str(run_dir / 'last.pth.tar'))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
