@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from .engine import autocast, default_device
+from .runs import write_atomic
 from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, expected_depth, fold_survival_scale, \
     stochastic_blocks
 
@@ -64,6 +65,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group('data path (end-to-end epochs on real images; runs when a data set is given)')
     g.add_argument('--data-dir', default=None, help='image folder with a train split (e.g. the CIFAR-10 folder)')
     g.add_argument('--dataset', default='', help="'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn")
+    g.add_argument('--dataset-download', action='store_true', help='download a torch/* data set into --data-dir')
     g.add_argument('--data-models', nargs='+', default=['sd_resnet20', 'sd_resnet110'], help='models to train')
     g.add_argument('--data-images', type=int, default=2560, help='training images per measured epoch')
     g.add_argument('--data-workers', type=int, default=2, help='timm loader workers (default: 2)')
@@ -74,7 +76,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--json', default='bench_results.json', help='where to write the results')
+    parser.add_argument('--json', default='bench_results.json',
+                        help='where to write the results, rewritten after each part (default: bench_results.json)')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
     return parser
 
 
@@ -533,7 +537,8 @@ def check_bench_args(args) -> None:
     _check_input_size(args)
     if args.data_dir or args.dataset:
         from .data import DataSource
-        DataSource(dataset=args.dataset, root=args.data_dir)  # checks the data set before the long part
+        from .data import read_split
+        read_split(_data_source(args), 'train')  # a data set that is not there fails here, before the long part
         if args.data_images < args.batch_size:
             raise ValueError(f'--data-images {args.data_images} make no full batch of --batch-size {args.batch_size}')
         unknown = [m for m in args.data_models if m not in timm.list_models('sd_*')]
@@ -543,6 +548,13 @@ def check_bench_args(args) -> None:
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
         raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
                                                       f'the folder {folder!r} does not exist'))
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise ValueError(f'--json {args.json!r} exists: name another file, or add --overwrite to replace it')
+
+
+def _data_source(args):
+    from .data import DataSource
+    return DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download)
 
 
 def _check_input_size(args) -> None:
@@ -566,9 +578,11 @@ def _result_of(proc, queue) -> Dict[str, Any]:
                                    f'its error is above') from None
 
 
-def run_benchmark(args) -> Dict[str, Any]:
-    """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results."""
+def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results;
+    ``on_part(results)`` is called after each part, so a late failure keeps what was measured."""
     check_bench_args(args)
+    on_part = on_part or (lambda results: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
@@ -580,24 +594,20 @@ def run_benchmark(args) -> Dict[str, Any]:
             torch_threads=torch.get_num_threads(),
             gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
     )
-    if 'train' not in args.skip:
-        results['train'] = bench_train(args, device)
-    if args.data_dir or args.dataset:
-        from .bench_data import bench_data
-        from .data import DataSource
-        results['data'] = bench_data(
-            models=args.data_models, source=DataSource(dataset=args.dataset, root=args.data_dir),
-            images=args.data_images, batch_size=args.batch_size, drop_path=args.drop_path, workers=args.data_workers,
-            step_repeats=args.data_step_repeats, device=device, amp=args.amp, channels_last=args.channels_last,
-            seed=args.seed)
-    if 'ddp' not in args.skip and args.ddp_world_size > 1:
-        results['ddp'] = bench_ddp(args, device)
-    if 'eval' not in args.skip:
-        results['eval'] = bench_eval(args, device)
-    if 'memory' not in args.skip:
-        results['memory'] = bench_memory(args, device)
-    if args.compile:
-        results['compile'] = bench_compile(args, device)
+    parts = [('train', 'train' not in args.skip, lambda: bench_train(args, device)),
+             ('data', bool(args.data_dir or args.dataset), lambda: _bench_data(args, device)),
+             ('ddp', 'ddp' not in args.skip and args.ddp_world_size > 1, lambda: bench_ddp(args, device)),
+             ('eval', 'eval' not in args.skip, lambda: bench_eval(args, device)),
+             ('memory', 'memory' not in args.skip, lambda: bench_memory(args, device)),
+             ('compile', args.compile, lambda: bench_compile(args, device))]
+    todo = [name for name, wanted, _ in parts if wanted]
+    for name, wanted, measure in parts:
+        if wanted:
+            results['unfinished'] = todo[todo.index(name):]
+            on_part(results)
+            results[name] = measure()
+    del results['unfinished']
+    on_part(results)
     return results
 
 
@@ -672,11 +682,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return run_from_args(parser.parse_args(argv))
 
 
+def _bench_data(args, device: torch.device) -> Dict[str, Any]:
+    from .bench_data import bench_data
+    return bench_data(models=args.data_models, source=_data_source(args), images=args.data_images,
+                      batch_size=args.batch_size, drop_path=args.drop_path, workers=args.data_workers,
+                      step_repeats=args.data_step_repeats, device=device, amp=args.amp,
+                      channels_last=args.channels_last, seed=args.seed)
+
+
 def run_from_args(args) -> Dict[str, Any]:
-    results = run_benchmark(args)
+    save = (lambda results: write_atomic(args.json, json.dumps(results, indent=2))) if args.json else None
+    results = run_benchmark(args, on_part=save)
     print(format_table(results))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
         print(f'\nresults written to {args.json}')
     return results

@@ -18,6 +18,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'sd_batch' in printed and 'limit (schedule)' in printed and str(out) in printed
     res = json.loads(out.read_text())
+    assert 'unfinished' not in res
     train = res['train']
     assert set(train['variants']) == {'sd_batch', 'sd_subset', 'constant', 'sd_sample', 'timm_droppath', 'stem_head'}
     assert 0 < train['mean_active_blocks_subset'] <= 9
@@ -38,6 +39,23 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert comp['compiled_graphs'] == sum(comp['graphs_per_variant'].values()) and comp['ratio_subset'] > 0
     assert 'subset / constant (compiled)' in printed
     assert all(math.isfinite(v['median_s']) for v in comp['variants'].values())
+
+
+def test_bench_json_is_rewritten_after_each_part(tmp_path, monkeypatch):
+    """A late failure keeps what was measured: the file names the parts still to run until the last one ends;
+    an existing file is replaced only under --overwrite (without it: tests/test_faults.py)."""
+    from sd_zoo import bench
+    out = tmp_path / 'bench.json'
+    out.write_text('a previous run')
+    written, write_atomic = [], bench.write_atomic
+    monkeypatch.setattr(bench, 'write_atomic', lambda path, text: (written.append(json.loads(text)),
+                                                                   write_atomic(path, text)))
+    assert main(['bench', '--model', 'sd_resnet20', '--batch-size', '2', '--img-size', '16', '--steps', '1',
+                 '--warmup', '0', '--cost-steps', '1', '--eval-batches', '1', '--skip', 'ddp', 'memory',
+                 '--json', str(out), '--overwrite']) == 0
+    assert [w.get('unfinished') for w in written] == [['train', 'eval'], ['eval'], None]
+    assert 'train' in written[1] and 'eval' not in written[1]
+    assert json.loads(out.read_text()) == written[-1]
 
 
 def test_bench_rejects_unknown_model(capsys):

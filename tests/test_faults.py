@@ -142,7 +142,7 @@ def P(w: World, *extra: str, source: Optional[Path] = None, out: Optional[Path] 
 
 def B(w: World, *extra: str) -> List[str]:
     return ['bench', '--model', 'sd_resnet20', '--skip', 'ddp', 'eval', 'memory', '--steps', '1', '--warmup', '0',
-            '--cost-steps', '1', '--batch-size', '2', '--json', str(w.tmp / 'bench.json'), *extra]
+            '--cost-steps', '1', '--batch-size', '2', '--json', str(w.tmp / f'bench{next(_names)}.json'), *extra]
 
 
 def hub_load(*args, **kwargs):
@@ -292,6 +292,9 @@ BAD_INPUTS = [
     Bad('bench-steps-0', lambda w: B(w, '--steps', '0'), '--steps must be at least 1'),
     Bad('bench-device-cuda', lambda w: B(w, '--device', 'cuda'), 'no CUDA GPU'),
     Bad('bench-json-missing-folder', lambda w: B(w, '--json', str(w.tmp / 'no' / 'b.json')), 'does not exist'),
+    Bad('bench-json-exists', lambda w: B(w, '--json', str(w.run / 'args.yaml')), 'exists: name another file'),
+    Bad('bench-torch-dataset-not-downloaded', lambda w: B(w, '--dataset', 'torch/cifar10', '--data-dir', str(w.tmp)),
+        'add --dataset-download'),
     Bad('bench-drop-path-1.5', lambda w: B(w, '--drop-path', '1.5'), '--drop-path (1 - p_L) must be in [0, 1)'),
     Bad('bench-data-dir-missing', lambda w: B(w, '--data-dir', str(w.tmp / 'nowhere')), 'is not a folder'),
     Bad('bench-threads-0', lambda w: B(w, '--threads', '0'), '--threads must be at least 1'),
