@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'model_kwargs_of', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -87,11 +87,10 @@ def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = 
     from .loading import check_model_name, load_weights, read_state_dict, shape_kwargs_from_weights
     name = check_model_name(_architecture(run, model_name))
     state_dict = read_state_dict(str(run.checkpoint), use_ema=use_ema)
-    kwargs = dict(run.args.get('model_kwargs') or {})
-    if run.args.get('drop_path') is not None:
-        kwargs['drop_path_rate'] = run.args['drop_path']
-    if run.args.get('drop') is not None:
-        kwargs['drop_rate'] = run.args['drop']
+    try:
+        kwargs = model_kwargs_of(run.args)
+    except ValueError as e:
+        raise ValueError(f'{str(run.run_dir / "args.yaml")!r}: {e}') from e
     kwargs.update(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict))
     try:
         model = timm.create_model(name, **kwargs)
@@ -99,6 +98,20 @@ def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = 
         raise ValueError(f'{str(run.checkpoint)!r}: the run\'s model arguments do not fit {name} ({e})') from e
     load_weights(model, str(run.checkpoint), use_ema=use_ema)
     return model.eval()
+
+
+def model_kwargs_of(values: Dict[str, Any]) -> Dict[str, Any]:
+    """timm.create_model keyword arguments of a run's arguments: --drop / --drop-path and --model-kwargs, which
+    must not contradict each other (timm's train.py passes both, so it cannot take a contradiction either)."""
+    kwargs = dict(values.get('model_kwargs') or {})
+    for flag, key in (('--drop', 'drop_rate'), ('--drop-path', 'drop_path_rate')):
+        value = values.get(flag[2:].replace('-', '_'))
+        if value is None:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f'{flag} {value} and --model-kwargs {key}={kwargs[key]} disagree: give one')
+        kwargs[key] = value
+    return kwargs
 
 
 def epochs_done(meta: Dict[str, Any]) -> int:

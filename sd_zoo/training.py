@@ -35,8 +35,8 @@ from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build
 from .engine import default_device, evaluate, train_one_epoch
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, append_log_rows, epochs_done, reconcile_logs, resolve_run, write_atomic, \
-    write_epoch_record
+from .runs import EPOCH_RECORD, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
+    write_atomic, write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -326,26 +326,13 @@ def check_output_dir(args, output_dir: str) -> None:
                          f'{os.path.join(output_dir, "last.pth.tar")}, or give another --experiment / --output')
 
 
-def model_kwargs_of(args) -> Dict[str, Any]:
-    """timm.create_model keyword arguments of a run: --drop / --drop-path and --model-kwargs, which must
-    not contradict each other."""
-    kwargs = dict(args.model_kwargs or {})
-    for flag, key, value in (('--drop', 'drop_rate', args.drop), ('--drop-path', 'drop_path_rate', args.drop_path)):
-        if value is None:
-            continue
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f'{flag} {value} and --model-kwargs {key}={kwargs[key]} disagree: give one')
-        kwargs[key] = value
-    return kwargs
-
-
 def create_run_model(args, pretrained: bool = False) -> nn.Module:
     """timm.create_model with the run's arguments: the model that trains, and the one that evaluates the test
     split at the end (so ``hf-hub:``/``local-dir:`` names and --model-kwargs work for both)."""
     import timm
     try:
         return timm.create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
-                                 global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(args))
+                                 global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(vars(args)))
     except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
         raise ValueError(f'{args.model} does not take these arguments ({e})') from e
 
@@ -720,7 +707,7 @@ def _schedule(run: _Training) -> None:
     args, steps_per_epoch = run.args, len(run.loaders.train)
     run.updates_per_epoch = math.ceil(steps_per_epoch / args.grad_accum_steps)
     # gates continue from where an interrupted run stopped, identically on every rank
-    set_gate_seed(run.model, int(model_kwargs_of(args).get('sd_seed', 0)), step=run.start_epoch * steps_per_epoch)
+    set_gate_seed(run.model, int(model_kwargs_of(vars(args)).get('sd_seed', 0)), step=run.start_epoch * steps_per_epoch)
     run.lr_scheduler, run.num_epochs = create_scheduler_v2(run.optimizer, **scheduler_kwargs(args),
                                                            updates_per_epoch=run.updates_per_epoch)
     if run.start_epoch > 0 and run.lr_scheduler is not None:  # --sched none: timm leaves the lr as it is

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 import sd_zoo
@@ -92,6 +93,12 @@ class World:
         self.broken_run.mkdir()
         (self.broken_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
         (self.broken_run / 'args.yaml').write_text('model: [unclosed\n')
+        self.contradicting_run = tmp / 'contradicting_run'  # an args.yaml edited by hand: two drop-path rates
+        self.contradicting_run.mkdir()
+        (self.contradicting_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
+        values = yaml.safe_load((self.run / 'args.yaml').read_text())
+        values.update(drop_path=0.1, model_kwargs=dict(drop_path_rate=0.2))
+        (self.contradicting_run / 'args.yaml').write_text(yaml.safe_dump(values))
         self.empty_run = tmp / 'empty_run'
         self.empty_run.mkdir()
         self.bare = tmp / 'bare_weights.pth'  # a state_dict alone: no epoch, no optimizer
@@ -284,6 +291,8 @@ BAD_INPUTS = [
     Bad('publish-other-arch', lambda w: P(w, '--model', 'sd_resnet32'), 'do not fit'),
     Bad('publish-baseline-not-constant', lambda w: P(w, '--baseline', str(w.run)), 'constant-depth twin'),
     Bad('publish-args-yaml-broken', lambda w: P(w, source=w.broken_run), 'is not valid YAML'),
+    Bad('publish-args-yaml-contradicts-itself', lambda w: P(w, source=w.contradicting_run),
+        '--drop-path 0.1 and --model-kwargs drop_path_rate=0.2 disagree'),
     Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no last.pth.tar'),
     Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
     Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "chosen by its accuracy on the 'test'"),
