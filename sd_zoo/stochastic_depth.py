@@ -225,6 +225,7 @@ class StochasticResidual(nn.Module):
         self.gate_step = 0  # training forwards drawn so far; with the seed, it fixes the next gate
         self.last_gate = True  # the branch ran in the last training forward (for at least one sample)
         self.last_keep: Optional[torch.Tensor] = None  # 'subset': the kept samples' indices (None: all)
+        self.loaded_eval_scale = False  # the eval scale came with loaded weights (see _forward_train)
         scale = self.survival_prob if scaling == 'paper' else 1.0
         buffer_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
         self.register_buffer('eval_scale', torch.tensor(scale, device=device, dtype=buffer_dtype),
@@ -329,6 +330,8 @@ class StochasticResidual(nn.Module):
     @torch.jit.unused
     @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, 'loaded_eval_scale', False):  # getattr: blocks made before the attribute existed
+            self.adopt_own_eval_scale()
         p = self.survival_prob
         if self.granularity == 'subset':
             return self._forward_subset(x)
@@ -351,14 +354,31 @@ class StochasticResidual(nn.Module):
             keep.div_(p)
         return self.act(torch.addcmul(shortcut, out, keep))
 
+    @torch.jit.unused
+    def adopt_own_eval_scale(self) -> None:
+        """Evaluate with this block's own schedule again: p_l (paper scaling) or 1 (inverted).
+
+        Loaded weights bring the eval scale of the schedule they were trained with, so they evaluate as
+        trained whatever survival arguments this model was built with. Once the block trains, its own
+        schedule is the one its weights follow: the first training forward after a load calls this (so
+        fine-tuning at another rate, or SD fine-tuning of constant-depth weights, evaluates by the paper's rule).
+        """
+        with torch.no_grad():
+            self.eval_scale.fill_(self.survival_prob if self.scaling == 'paper' else 1.0)
+        self.loaded_eval_scale = False
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A state_dict without eval_scale comes from a plain (constant-depth) ResNet: it evaluates unscaled.
         key = prefix + 'eval_scale'
-        if key not in state_dict:
-            with torch.no_grad():
-                self.eval_scale.fill_(1.0)
-            state_dict = {**state_dict, key: self.eval_scale}
+        persistent = 'eval_scale' not in self._non_persistent_buffers_set
+        holds_block = any(k.startswith(prefix) for k in state_dict)  # not, e.g., a head-only partial load
+        if persistent and holds_block:
+            if key not in state_dict:
+                # weights of a plain (constant-depth) ResNet: they evaluate unscaled
+                with torch.no_grad():
+                    self.eval_scale.fill_(1.0)
+                state_dict = {**state_dict, key: self.eval_scale}
+            self.loaded_eval_scale = True
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -404,6 +424,7 @@ def fold_survival_scale(model: nn.Module) -> nn.Module:
         norm.weight.mul_(scale)
         norm.bias.mul_(scale)
         block.eval_scale.fill_(1.0)
+        block.loaded_eval_scale = False  # the scale now lives in the BN: training must not restore it
     return model
 
 

@@ -57,6 +57,17 @@ def test_train_with_a_tagged_name_takes_the_tag_config(tiny_folder, tmp_path):
     assert model.num_classes == 100 and model.pretrained_cfg['mean'] == (0.5071, 0.4865, 0.4409)
 
 
+def test_fine_tuning_at_another_rate_evaluates_with_the_new_schedule(tiny_folder, tmp_path):
+    """The shipped weights (p_L 0.9) fine-tuned at p_L 0.5: the model and its EMA copy evaluate with the new
+    schedule's p_l (the paper's test rule for the rate the weights now train with), not the loaded one."""
+    run = _train(tiny_folder, tmp_path, 'ft', '--model', 'sd_resnet20.cifar10', '--pretrained',
+                 '--drop-path', '0.5', '--model-ema')
+    for use_ema in (False, True):
+        state = timm.models.load_state_dict(str(run / 'last.pth.tar'), use_ema=use_ema)
+        scales = [float(v) for k, v in state.items() if k.endswith('eval_scale')]
+        assert scales == pytest.approx(sd_zoo.survival_schedule(9, 0.5)), use_ema
+
+
 @pytest.mark.slow
 def test_publish_imagenet_family_checkpoint_without_args_yaml(tmp_path):
     model = timm.create_model('sd_resnet18', num_classes=10, drop_path_rate=0.3).eval()

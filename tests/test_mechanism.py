@@ -7,7 +7,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from sd_zoo import fold_survival_scale, set_gate_seed, stochastic_blocks
+import sd_zoo
+from sd_zoo import fold_survival_scale, set_gate_seed, stochastic_blocks, survival_schedule
 from sd_zoo.models.sd_resnet_cifar import CifarBasicBlock
 
 
@@ -151,6 +152,38 @@ def test_plain_resnet_state_dict_without_eval_scale_loads_as_unscaled():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(dst(x), src(x))
+
+
+def test_loaded_eval_scales_hold_until_the_block_trains_with_its_own_schedule():
+    """Loaded weights evaluate with the scales they were trained with; fine-tuning them at another rate (or
+    SD fine-tuning of constant-depth weights) evaluates with the new schedule's p_l, as the paper's rule says."""
+    trained = timm.create_model('sd_resnet20', drop_path_rate=0.1)
+    for source, loaded in ((trained.state_dict(), [b.survival_prob for b in stochastic_blocks(trained)]),
+                           ({k: v for k, v in trained.state_dict().items() if not k.endswith('eval_scale')},
+                            [1.0] * 9)):
+        tuned = timm.create_model('sd_resnet20', drop_path_rate=0.5)
+        tuned.load_state_dict(source)
+        assert [b.eval_scale.item() for b in stochastic_blocks(tuned)] == pytest.approx(loaded)
+        tuned.train()(torch.randn(2, 3, 8, 8))
+        own = survival_schedule(9, 0.5)
+        assert [b.eval_scale.item() for b in stochastic_blocks(tuned)] == pytest.approx(own)
+        assert own != pytest.approx(loaded)
+    # folded weights keep their scale in the BN: training a folded model does not scale them twice
+    folded = fold_survival_scale(timm.create_model('sd_resnet20', drop_path_rate=0.5))
+    folded.train()(torch.randn(2, 3, 8, 8))
+    assert all(b.eval_scale.item() == 1.0 for b in stochastic_blocks(folded))
+
+
+def test_partial_and_converted_loads_keep_the_eval_scales():
+    """A head-only partial load leaves the blocks' scales alone; a converted timm model (inverted scaling:
+    eval_scale not in its state_dict, so its keys stay timm's) loads its own state_dict strictly."""
+    model = timm.create_model('sd_resnet20', drop_path_rate=0.5)
+    before = [b.eval_scale.item() for b in stochastic_blocks(model)]
+    model.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith('fc.')}, strict=False)
+    assert [b.eval_scale.item() for b in stochastic_blocks(model)] == before and before[-1] == 0.5
+    converted = sd_zoo.add_stochastic_depth(timm.create_model('resnet18'), drop_path_rate=0.2)
+    assert not any(k.endswith('eval_scale') for k in converted.state_dict())
+    converted.load_state_dict(converted.state_dict())  # strict
 
 
 def _gate_sequence(seed, steps=30):
