@@ -126,9 +126,12 @@ def test_recipes_are_train_py_configs():
         args = training.parse_train_args(['--config', str(path)])
         assert args.model.startswith('sd_resnet')
         assert args.model == cfg['model'] and args.epochs == cfg['epochs']
+        # timm's train.py defaults to label smoothing 0.1: every recipe says what it uses
+        assert 'smoothing' in cfg, path.name
     paper = yaml.safe_load((RECIPES / 'cifar10_resnet110_sd.yaml').read_text())
     assert paper['epochs'] == 500 and paper['batch_size'] == 128 and paper['lr'] == 0.1
     assert paper['decay_milestones'] == [250, 375] and paper['drop_path'] == 0.5 and paper['opt'] == 'sgd'
+    assert paper['smoothing'] == 0.0
     twin = yaml.safe_load((RECIPES / 'cifar10_resnet110_constant.yaml').read_text())
     assert {k: v for k, v in twin.items() if k != 'drop_path'} == {k: v for k, v in paper.items() if k != 'drop_path'}
     assert twin['drop_path'] == 0.0
