@@ -16,6 +16,7 @@ import torch
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import default_device, evaluate
 from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model
+from .runs import resolve_run, run_input_overrides
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -63,11 +64,18 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     if not (checkpoint or pretrained or model.startswith((HUB_PREFIX, LOCAL_PREFIX))):
         raise ValueError(f'{model}: no weights to evaluate (it would be a random initialisation): give --pretrained, '
                          f'--checkpoint FILE, hf-hub:ORG/NAME or local-dir:PATH')
+    if use_ema and not checkpoint:
+        raise ValueError('--use-ema takes the EMA weights of a training checkpoint: give --checkpoint FILE '
+                         '(published and pretrained weights hold one set of weights)')
     dev = default_device(device)
     net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
+    if pretrained and not checkpoint and net.num_classes != net.pretrained_cfg.get('num_classes', net.num_classes):
+        raise ValueError(f'{model}\'s pretrained weights have {net.pretrained_cfg["num_classes"]} classes: '
+                         f'--num-classes {num_classes} would evaluate a new, untrained head')
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config(net)
+    # a training checkpoint is evaluated with the normalization its run trained with (args.yaml beside it)
+    data_config = resolve_data_config(net, run_input_overrides(resolve_run(checkpoint)) if checkpoint else None)
     source = DataSource(dataset=dataset, root=data_dir, download=dataset_download,
                         img_mode=image_mode(data_config))
     data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,

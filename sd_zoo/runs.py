@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'model_kwargs_of', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -98,6 +98,26 @@ def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = 
         raise ValueError(f'{str(run.checkpoint)!r}: the run\'s model arguments do not fit {name} ({e})') from e
     load_weights(model, str(run.checkpoint), use_ema=use_ema)
     return model.eval()
+
+
+INPUT_ARGS = ('input_size', 'img_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+
+
+def run_input_overrides(run: Run) -> Dict[str, Any]:
+    """The input settings a run trained with, as timm data-config overrides: those its args.yaml sets, and
+    where it sets no mean/std, those of the model name it trained (``sd_resnet110.cifar100``'s config)."""
+    values = {k: run.args[k] for k in INPUT_ARGS if run.args.get(k) is not None}
+    name = run.args.get('model')
+    if name and not ('mean' in values and 'std' in values):
+        import timm
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except Exception:  # hf-hub: / local-dir: names and other models: their weights' config applies
+            cfg = None
+        if cfg is not None:
+            values.setdefault('mean', tuple(cfg.mean))
+            values.setdefault('std', tuple(cfg.std))
+    return values
 
 
 def model_kwargs_of(values: Dict[str, Any]) -> Dict[str, Any]:

@@ -57,6 +57,16 @@ def test_train_with_a_tagged_name_takes_the_tag_config(tiny_folder, tmp_path):
     assert model.num_classes == 100 and model.pretrained_cfg['mean'] == (0.5071, 0.4865, 0.4409)
 
 
+def test_a_checkpoint_is_validated_with_its_runs_normalization(tiny_folder, tmp_path):
+    """A run of sd_resnet20.cifar100 validated as plain sd_resnet20 (whose default tag is cifar10) still uses
+    the CIFAR-100 mean/std it trained with, as publish does: the same numbers under either name."""
+    run = _train(tiny_folder, tmp_path, 'c100', '--model', 'sd_resnet20.cifar100')
+    common = dict(checkpoint=str(run / 'last.pth.tar'), data_dir=str(tiny_folder), split='test', workers=0,
+                  quiet=True)
+    assert sd_zoo.validate('sd_resnet20', **common) == {**sd_zoo.validate('sd_resnet20.cifar100', **common),
+                                                      'model': 'sd_resnet20', 'seconds': pytest.approx(0, abs=1e9)}
+
+
 def test_fine_tuning_at_another_rate_evaluates_with_the_new_schedule(tiny_folder, tmp_path):
     """The shipped weights (p_L 0.9) fine-tuned at p_L 0.5: the model and its EMA copy evaluate with the new
     schedule's p_l (the paper's test rule for the rate the weights now train with), not the loaded one."""
