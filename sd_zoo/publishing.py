@@ -235,25 +235,34 @@ def check_data(data: EvalData, weights: Weights) -> None:
 
 
 def check_selection(run: Run, data: EvalData, what: str) -> None:
-    """model_best is the epoch with the best accuracy on the run's validation data: refuse it when that data is
-    the test split or the split the card reports (the card would show accuracy the weights were chosen on)."""
+    """model_best (and timm's kept checkpoint-N files) are the epochs with the best accuracy on the run's
+    validation data: refuse them when that data is the test split or the split the card reports (the card would
+    show accuracy the weights were chosen on)."""
     chosen_on = _selection_split(run)
     if chosen_on is None:
         return
     reported = bool(data) and chosen_on == data.split
     if reported or _is_test_split(chosen_on, run.args.get('dataset') or ''):
         which = 'the split this card reports' if reported else 'test data'
-        raise ValueError(f'{what}: {str(run.checkpoint)!r} was chosen by its accuracy on the {chosen_on!r} split '
+        raise ValueError(f'{what}: {str(run.checkpoint)!r} was kept for its accuracy on the {chosen_on!r} split '
                          f'({which}; the run had no --val-holdout): publish the last epoch (--checkpoint last), or '
                          f'train with --val-holdout N')
 
 
 def _selection_split(run: Run) -> Optional[str]:
-    """The split model_best was chosen on; None for a checkpoint not chosen by accuracy or chosen on
-    held-out training images."""
-    if run.checkpoint.name != 'model_best.pth.tar' or run.args.get('val_holdout'):
+    """The split model_best (or a kept checkpoint-N, timm's best few) was chosen on; None for a checkpoint
+    not chosen by accuracy (last.pth.tar, the last epoch's checkpoint-N) or chosen on held-out training images."""
+    if run.args.get('val_holdout') or not _chosen_by_accuracy(run):
         return None
     return run.args.get('val_split') or None
+
+
+def _chosen_by_accuracy(run: Run) -> bool:
+    kept = re.fullmatch(r'checkpoint-(\d+)\.pth\.tar', run.checkpoint.name)
+    if kept:
+        is_last = (run.run_dir / 'last.pth.tar').is_file() and finished_epochs(run) == int(kept.group(1)) + 1
+        return not is_last
+    return run.checkpoint.name == 'model_best.pth.tar'
 
 
 def _is_test_split(split: str, dataset: str) -> bool:

@@ -297,7 +297,7 @@ BAD_INPUTS = [
         '--drop-path 0.1 and --model-kwargs drop_path_rate=0.2 disagree'),
     Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no last.pth.tar'),
     Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
-    Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "chosen by its accuracy on the 'test'"),
+    Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "kept for its accuracy on the 'test'"),
     # sd-zoo bench
     Bad('bench-model-not-sd', lambda w: B(w, '--model', 'resnet50'), "unknown sd-zoo model 'resnet50'"),
     Bad('bench-steps-0', lambda w: B(w, '--steps', '0'), '--steps must be at least 1'),

@@ -290,7 +290,7 @@ def test_best_checkpoint_chosen_on_the_test_split_is_refused(trained_run, tmp_pa
     run_dir, data = trained_run
     staged = tmp_path / 'staged'
     for extra in (['--data-dir', str(data)], []):  # measured on that split, or not measured: test data either way
-        with pytest.raises(ValueError, match=r"chosen by its accuracy on the 'test' split .*\(--checkpoint "
+        with pytest.raises(ValueError, match=r"kept for its accuracy on the 'test' split .*\(--checkpoint "
                                              r"last\), or train with --val-holdout"):
             publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'best', '--dry-run', '--out',
                           str(staged), *extra])
@@ -302,6 +302,11 @@ def test_best_checkpoint_chosen_on_the_test_split_is_refused(trained_run, tmp_pa
     result = publish_main([str(held_out), '--repo-id', REPO_ID, '--checkpoint', 'best', '--dry-run', '--out',
                            str(staged), '--data-dir', str(data)])
     assert result['results']['images'] == 20 and '`model_best.pth.tar`' in (staged / 'README.md').read_text()
+    # timm's kept checkpoint-N files are its best few by that accuracy too; the last epoch's one is the last epoch
+    two = _train(data, tmp_path / 'runs', 'two_epochs', '--epochs', '2')
+    with pytest.raises(ValueError, match=r"checkpoint-0.pth.tar' was kept for its accuracy on the 'test' split"):
+        publish_main([str(two / 'checkpoint-0.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)])
+    publish_main([str(two / 'checkpoint-1.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)])
 
 
 @pytest.mark.slow
