@@ -171,3 +171,18 @@ def test_card_lists_milestones_only_for_step_schedules():
     recipe = dict(epochs=50, decay_milestones=[250, 375])  # timm's args.yaml holds the default milestones
     assert '| decay_milestones | [250, 375] |' in _training_lines(dict(recipe, sched='multistep'), None, '')
     assert not any('decay_milestones' in line for line in _training_lines(dict(recipe, sched='cosine'), None, ''))
+    # a step schedule (the ImageNet recipes): its decay_epochs and decay_rate, not multistep's default milestones
+    step = '\n'.join(_training_lines(dict(recipe, sched='step', decay_epochs=30, decay_rate=0.1, warmup_epochs=0,
+                                           warmup_lr=1e-5), None, ''))
+    assert '| decay_epochs | 30 |' in step and '| decay_rate | 0.1 |' in step
+    assert 'decay_milestones' not in step and 'warmup_lr' not in step
+
+
+def test_card_describes_the_models_own_gates_and_scaling():
+    from sd_zoo.card import _model_lines
+    for kwargs, says, not_said in ((dict(), ('not computed', 'each branch scaled by p_l'), 'unscaled'),
+                                   (dict(sd_granularity='subset', sd_scaling='inverted'),
+                                    ('only for the samples that keep it', 'run unscaled'), 'scaled by p_l')):
+        model = timm.create_model('sd_resnet20', drop_path_rate=0.5, **kwargs)
+        text = '\n'.join(_model_lines(model, 'sd_resnet20', 'cifar10', 'last.pth.tar', False))
+        assert all(s in text for s in says) and not_said not in text, kwargs
