@@ -265,12 +265,15 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     if num_classes is not None and weights_classes is not None and num_classes != weights_classes:
         raise ValueError(f'{where!r} has {weights_classes}-class weights, not {num_classes}: load them as they '
                          f'are and call model.reset_classifier({num_classes}) to fine-tune')
-    model_args.update(kwargs)
     pretrained_cfg = dict(config.get('pretrained_cfg') or {}, architecture=arch)
     try:
-        model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **model_args)
-    except TypeError as e:
-        raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
+        model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **dict(model_args, **kwargs))
+    except TypeError as e:  # say whose argument it is: the caller's, or config.json's
+        try:
+            timm.create_model(arch, pretrained_cfg=pretrained_cfg, **model_args)
+        except TypeError:
+            raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
+        raise ValueError(f'{arch} does not take the arguments {", ".join(sorted(kwargs))} ({e})') from e
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
