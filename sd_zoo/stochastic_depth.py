@@ -251,7 +251,10 @@ class StochasticResidual(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
+        if self.training:
+            if torch.jit.is_scripting():  # the gates are Python: a scripted model is for inference only
+                raise RuntimeError('a TorchScript stochastic-depth block cannot train: script the model in eval '
+                                   'mode for inference, and train the Python model')
             return self._forward_train(x)
         return self.act(torch.addcmul(self.shortcut(x), self.branch(x), self.eval_scale))
 
@@ -301,6 +304,10 @@ class StochasticResidual(nn.Module):
         tiny inputs reach 1x1; at a larger resolution a single kept sample runs as it is).
         """
         p = self.survival_prob
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            raise ValueError("'subset' gates cannot train with SyncBatchNorm: a rank where no sample keeps a block "
+                             "would skip the BN's collective and hang the others; use 'batch' gates (or plain "
+                             "BatchNorm)")
         shortcut = self.shortcut(x)
         if p >= 1.0:
             self.last_gate, self.last_keep = True, None
@@ -330,6 +337,10 @@ class StochasticResidual(nn.Module):
     @torch.jit.unused
     @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, '_is_replica', False):  # set by nn.DataParallel's replicate
+            raise ValueError('stochastic depth cannot train under nn.DataParallel: its replicas are thrown away '
+                             'after each step, so the gate counter never advances and every step drops the same '
+                             'blocks; use DistributedDataParallel')
         if getattr(self, 'loaded_eval_scale', False):  # getattr: blocks made before the attribute existed
             self.adopt_own_eval_scale()
         p = self.survival_prob

@@ -186,6 +186,25 @@ def test_partial_and_converted_loads_keep_the_eval_scales():
     converted.load_state_dict(converted.state_dict())  # strict
 
 
+def test_training_setups_that_would_silently_break_the_gates_are_errors():
+    x = torch.randn(2, 3, 8, 8)
+    # nn.DataParallel trains throwaway replicas (replicate() marks them): the gate counter would never advance
+    replica = timm.create_model('sd_resnet20').train()
+    for block in stochastic_blocks(replica):
+        block._is_replica = True
+    with pytest.raises(ValueError, match='cannot train under nn.DataParallel'):
+        replica(x)
+    # subset gates skip a block's branch on some ranks only: SyncBatchNorm's collective would hang
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model('sd_resnet20', sd_granularity='subset'))
+    with pytest.raises(ValueError, match="'subset' gates cannot train with SyncBatchNorm"):
+        synced.train()(x)
+    # a scripted model has no Python gates: in training mode it refuses instead of running the eval formula
+    scripted = torch.jit.script(timm.create_model('sd_resnet20').eval())
+    scripted(x)
+    with pytest.raises(Exception, match='cannot train'):
+        scripted.train()(x)
+
+
 def _gate_sequence(seed, steps=30):
     model = timm.create_model('sd_resnet20', sd_seed=seed).train()
     x = torch.randn(2, 3, 8, 8)
