@@ -6,6 +6,7 @@ own validate.py cannot import plugins; this command can, and so can a two-line w
 """
 import argparse
 import csv
+import io
 import json
 import os
 import time
@@ -16,7 +17,7 @@ import torch
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import default_device, evaluate
 from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model
-from .runs import resolve_run, run_input_overrides
+from .runs import resolve_run, run_input_overrides, write_atomic
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
     p.add_argument('--channels-last', action='store_true', default=False)
     p.add_argument('--results-file', default='', help='write results here (.json or .csv)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --results-file')
     p.add_argument('--seed', type=int, default=42)
     return p
 
@@ -50,13 +52,13 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
              data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False,
              split: Optional[str] = None, num_classes: Optional[int] = None, subset: int = 0, batch_size: int = 256,
              workers: int = 4, loader: str = 'auto', device: Optional[str] = None, amp: bool = False,
-             amp_dtype: str = 'float16', channels_last: bool = False, results_file: str = '', seed: int = 42,
-             quiet: bool = False) -> Dict[str, Any]:
+             amp_dtype: str = 'float16', channels_last: bool = False, results_file: str = '', overwrite: bool = False,
+             seed: int = 42, quiet: bool = False) -> Dict[str, Any]:
     """Top-1 / top-5 / loss of ``model`` (a name, ``hf-hub:``, ``local-dir:``; with ``checkpoint``) on a split.
 
     >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
     """
-    check_results_file(results_file)
+    check_results_file(results_file, overwrite)
     split = split or ('test' if dataset else 'validation')  # torchvision's data sets have train and test only
     for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):
         if value < least:
@@ -96,8 +98,9 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     return results
 
 
-def check_results_file(path: str) -> None:
-    """Before any evaluation runs: a results file must be .json or .csv, in a folder that exists."""
+def check_results_file(path: str, overwrite: bool = False) -> None:
+    """Before any evaluation runs: a results file must be .json or .csv, in a folder that exists, and a new
+    file unless ``overwrite``."""
     if not path:
         return
     if not path.endswith(('.json', '.csv')):
@@ -109,17 +112,20 @@ def check_results_file(path: str) -> None:
         raise ValueError(f'--results-file {path!r}: the folder {folder!r} does not exist')
     if not os.access(folder, os.W_OK):
         raise ValueError(f'--results-file {path!r}: the folder {folder!r} is not writable')
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f'--results-file {path!r} exists: name another file, or add --overwrite to replace it')
 
 
 def write_results(path: str, results: Dict[str, Any]) -> None:
+    """One results file, .json or .csv, put in place atomically."""
     if path.endswith('.csv'):
-        with open(path, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(results))
-            w.writeheader()
-            w.writerow(results)
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(results))
+        w.writeheader()
+        w.writerow(results)
+        write_atomic(path, text.getvalue())
     elif path.endswith('.json'):
-        with open(path, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_atomic(path, json.dumps(results, indent=2))
     else:
         raise ValueError(f'--results-file {path!r} must end in .json or .csv')
 

@@ -93,6 +93,8 @@ class World:
         self.broken_run.mkdir()
         (self.broken_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
         (self.broken_run / 'args.yaml').write_text('model: [unclosed\n')
+        self.existing_results = tmp / 'earlier_results.json'  # a user's file: never replaced without --overwrite
+        self.existing_results.write_text('{"top1": 91.0}')
         self.contradicting_run = tmp / 'contradicting_run'  # an args.yaml edited by hand: two drop-path rates
         self.contradicting_run.mkdir()
         (self.contradicting_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
@@ -253,6 +255,8 @@ BAD_INPUTS = [
     # sd-zoo validate
     Bad('validate-results-file-missing-folder', lambda w: V(w, '--results-file', str(w.tmp / 'no' / 'r.json')),
         'does not exist'),
+    Bad('validate-results-file-exists', lambda w: V(w, '--results-file', str(w.existing_results)),
+        'exists: name another file, or add --overwrite'),
     Bad('validate-results-file-suffix', lambda w: V(w, '--results-file', str(w.tmp / 'r.txt')), '.json or .csv'),
     Bad('validate-checkpoint-missing', lambda w: V(w, '--checkpoint', str(w.tmp / 'nope.pth')), 'does not exist'),
     Bad('validate-checkpoint-junk', lambda w: V(w, '--checkpoint', str(w.junk)), 'is not a timm checkpoint'),

@@ -64,6 +64,10 @@ def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys, ca
                  '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '64', '-j', '0',
                  '--results-file', str(csv_file)]) == 0
     assert _summary(csv_file)[0]['split'] == 'test'
+    assert main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(out / 'last.pth.tar'),
+                 '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '32', '-j', '0',
+                 '--results-file', str(csv_file), '--overwrite']) == 0  # an existing file: only with --overwrite
+    assert _summary(csv_file)[0]['images'] == '32'
 
 
 @pytest.mark.slow
