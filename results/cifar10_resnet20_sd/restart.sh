@@ -1,5 +1,5 @@
 #!/bin/bash
-# sd_resnet20.cifar10 (issue 14). Restart with: bash /work/runs/START_sd_resnet20.sh resume
+# sd_resnet20.cifar10 (issue 14). Start: bash results/cifar10_resnet20_sd/restart.sh ; continue: ... resume
 cd /work/main
 export SD_ZOO_CACHE=/work/cache
 R=/work/runs/sd_resnet20_c10_sd

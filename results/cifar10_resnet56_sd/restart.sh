@@ -1,5 +1,5 @@
 #!/bin/bash
-# sd_resnet56.cifar10 (issue 14). Start: bash /work/runs/START_sd_resnet56.sh ; continue: ... resume
+# sd_resnet56.cifar10 (issue 14). Start: bash results/cifar10_resnet56_sd/restart.sh ; continue: ... resume
 cd /work/main
 export SD_ZOO_CACHE=/work/cache
 R=/work/runs/sd_resnet56_c10_sd
