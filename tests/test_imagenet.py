@@ -95,6 +95,17 @@ def test_sd_resnet50_mechanism():
     _check_mechanism(timm.create_model('sd_resnet50', drop_path_rate=0.5).train())
 
 
+def test_a_dropped_block_is_its_activation_of_the_shortcut():
+    """A dropped block outputs act(shortcut + 0): ReLU of a post-ReLU input is the input itself (not
+    recomputed), SiLU of it is not; under SiLU training still backpropagates (nothing overwritten in place)."""
+    x = torch.randn(2, 64, 8, 8)
+    relu_block = timm.create_model('sd_resnet18').layer1[1]
+    assert relu_block.dropped_output(x) is x
+    silu = timm.create_model('sd_resnet18', act_layer='silu', drop_path_rate=0.9)
+    assert torch.equal(silu.layer1[1].dropped_output(x), torch.nn.functional.silu(x))
+    _check_mechanism(silu.train())
+
+
 @pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'resnext50_32x4d', 'seresnet50'])
 def test_add_stochastic_depth_to_timm_models(name):
     torch.manual_seed(0)

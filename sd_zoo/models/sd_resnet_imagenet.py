@@ -20,6 +20,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..stochastic_depth import StochasticResidual, check_model_sd_args, survival_schedule
 
+_IDEMPOTENT_ACTS = (nn.ReLU, nn.ReLU6, nn.Identity)  # act(act(x)) == act(x): a dropped block may skip it
+
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck', 'add_stochastic_depth', 'plain_state_dict']
 
 
@@ -39,8 +41,12 @@ class _TimmBlockSD(StochasticResidual):
 
     @torch.jit.unused
     def dropped_output(self, shortcut: torch.Tensor) -> torch.Tensor:
-        # an identity shortcut carries a post-ReLU (non-negative) input; a projection does not
-        return shortcut if self.downsample is None else self.act(shortcut)
+        # an identity shortcut carries the previous block's activation output: ReLU of it is itself (a
+        # projection's output is not); any other activation (SiLU, GELU) is applied, out of place, since
+        # the previous activation's backward may still need that tensor
+        if self.downsample is None and isinstance(getattr(self, self.last_act), _IDEMPOTENT_ACTS):
+            return shortcut
+        return self.act(shortcut.clone() if self.downsample is None else shortcut)
 
     @torch.jit.unused
     def branch_parameters(self):
@@ -51,6 +57,7 @@ class _TimmBlockSD(StochasticResidual):
 class SDBasicBlock(_TimmBlockSD, BasicBlock):
     """timm's BasicBlock with stochastic depth (same modules and keys)."""
     last_norm = 'bn2'
+    last_act = 'act2'
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(x)
@@ -71,6 +78,7 @@ class SDBasicBlock(_TimmBlockSD, BasicBlock):
 class SDBottleneck(_TimmBlockSD, Bottleneck):
     """timm's Bottleneck with stochastic depth (same modules and keys)."""
     last_norm = 'bn3'
+    last_act = 'act3'
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act3(x)
