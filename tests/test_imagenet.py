@@ -138,7 +138,9 @@ def test_add_stochastic_depth_in_place_and_errors():
     assert any(k.endswith('eval_scale') for k in model.state_dict())  # paper scaling saves its eval scales
     with pytest.raises(ValueError, match='no timm BasicBlock'):
         add_stochastic_depth(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with_drop_path = timm.create_model('resnet18', drop_path_rate=0.1)  # timm gives its first block none
     with pytest.raises(ValueError, match='DropPath'):
-        add_stochastic_depth(timm.create_model('resnet18', drop_path_rate=0.1))
+        add_stochastic_depth(with_drop_path, inplace=True)
+    assert not stochastic_blocks(with_drop_path)  # refused before any block was converted
     with pytest.raises(ValueError, match='p_L'):
         add_stochastic_depth(timm.create_model('resnet18'), drop_path_rate=1.0)

@@ -113,14 +113,14 @@ def _apply_schedule(model: nn.Module, survival_prob_last: float, rule: str, gran
                     seed: int, persistent: bool = True) -> None:
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     probs = survival_schedule(len(blocks), survival_prob_last, rule)
-    for index, (block, p) in enumerate(zip(blocks, probs)):
+    for block in blocks:  # every block is checked before any is changed: an error leaves the model as it was
         if getattr(block, 'drop_path', None) is not None:
             raise ValueError('the model already has timm DropPath in its blocks: build it with drop_path_rate=0')
+        if not isinstance(block, StochasticResidual) and _sd_class_for(block) is None:
+            raise ValueError(f'{type(block).__name__} is not timm\'s BasicBlock or Bottleneck')
+    for index, (block, p) in enumerate(zip(blocks, probs)):
         if not isinstance(block, StochasticResidual):
-            sd_cls = _sd_class_for(block)
-            if sd_cls is None:
-                raise ValueError(f'{type(block).__name__} is not timm\'s BasicBlock or Bottleneck')
-            block.__class__ = sd_cls
+            block.__class__ = _sd_class_for(block)
         ref = next(block.parameters())
         block.init_stochastic_depth(p, granularity, scaling, index, seed, persistent=persistent,
                                     device=ref.device, dtype=ref.dtype)
