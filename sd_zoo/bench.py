@@ -534,9 +534,17 @@ def check_bench_args(args) -> None:
         raise ValueError(f'--drop-path (1 - p_L) must be in [0, 1), got {args.drop_path}')
     if args.model not in timm.list_models('sd_*'):
         raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else ''
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
+        raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
+                                                      f'the folder {folder!r} does not exist'))
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise ValueError(f'--json {args.json!r} exists: name another file, or add --overwrite to replace it')
+    parts = {'train', 'ddp', 'eval', 'memory'} - set(args.skip) - ({'ddp'} if args.ddp_world_size < 2 else set())
+    if not (parts or args.compile or args.data_dir or args.dataset):
+        raise ValueError('nothing to measure: --skip leaves no part, and no --compile or data set was given')
     _check_input_size(args)
     if args.data_dir or args.dataset:
-        from .data import DataSource
         from .data import read_split
         read_split(_data_source(args), 'train')  # a data set that is not there fails here, before the long part
         if args.data_images < args.batch_size:
@@ -544,12 +552,6 @@ def check_bench_args(args) -> None:
         unknown = [m for m in args.data_models if m not in timm.list_models('sd_*')]
         if unknown:
             raise ValueError(f'--data-models: unknown sd-zoo model {", ".join(unknown)}')
-    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else ''
-    if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
-        raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
-                                                      f'the folder {folder!r} does not exist'))
-    if args.json and os.path.exists(args.json) and not args.overwrite:
-        raise ValueError(f'--json {args.json!r} exists: name another file, or add --overwrite to replace it')
 
 
 def _data_source(args):
@@ -606,7 +608,7 @@ def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = No
             results['unfinished'] = todo[todo.index(name):]
             on_part(results)
             results[name] = measure()
-    del results['unfinished']
+    results.pop('unfinished', None)
     on_part(results)
     return results
 

@@ -13,6 +13,7 @@ One place for the rules the commands share:
 """
 import json
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -269,11 +270,10 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     try:
         model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **dict(model_args, **kwargs))
     except TypeError as e:  # say whose argument it is: the caller's, or config.json's
-        try:
-            timm.create_model(arch, pretrained_cfg=pretrained_cfg, **model_args)
-        except TypeError:
-            raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
-        raise ValueError(f'{arch} does not take the arguments {", ".join(sorted(kwargs))} ({e})') from e
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad and bad.group(1) in kwargs:
+            raise ValueError(f'{arch} does not take the argument {bad.group(1)}={kwargs[bad.group(1)]!r}') from e
+        raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

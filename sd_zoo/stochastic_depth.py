@@ -304,7 +304,7 @@ class StochasticResidual(nn.Module):
         tiny inputs reach 1x1; at a larger resolution a single kept sample runs as it is).
         """
         p = self.survival_prob
-        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+        if p < 1.0 and any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
             raise ValueError("'subset' gates cannot train with SyncBatchNorm: a rank where no sample keeps a block "
                              "would skip the BN's collective and hang the others; use 'batch' gates (or plain "
                              "BatchNorm)")
@@ -341,7 +341,7 @@ class StochasticResidual(nn.Module):
             raise ValueError('stochastic depth cannot train under nn.DataParallel: its replicas are thrown away '
                              'after each step, so the gate counter never advances and every step drops the same '
                              'blocks; use DistributedDataParallel')
-        if getattr(self, 'loaded_eval_scale', False):  # getattr: blocks made before the attribute existed
+        if getattr(self, 'loaded_eval_scale', False) and self._trains():  # getattr: blocks from before it
             self.adopt_own_eval_scale()
         p = self.survival_prob
         if self.granularity == 'subset':
@@ -366,12 +366,18 @@ class StochasticResidual(nn.Module):
         return self.act(torch.addcmul(shortcut, out, keep))
 
     @torch.jit.unused
+    def _trains(self) -> bool:
+        """This forward can change the branch's weights: not a frozen branch, nor a no_grad pass in training
+        mode (BN recalibration such as torch.optim.swa_utils.update_bn)."""
+        return torch.is_grad_enabled() and any(True for _ in self.branch_parameters())
+
+    @torch.jit.unused
     def adopt_own_eval_scale(self) -> None:
         """Evaluate with this block's own schedule again: p_l (paper scaling) or 1 (inverted).
 
         Loaded weights bring the eval scale of the schedule they were trained with, so they evaluate as
         trained whatever survival arguments this model was built with. Once the block trains, its own
-        schedule is the one its weights follow: the first training forward after a load calls this (so
+        schedule is the one its weights follow: the first forward after a load that trains them calls this (so
         fine-tuning at another rate, or SD fine-tuning of constant-depth weights, evaluates by the paper's rule).
         """
         with torch.no_grad():

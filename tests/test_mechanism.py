@@ -164,12 +164,17 @@ def test_loaded_eval_scales_hold_until_the_block_trains_with_its_own_schedule():
         tuned = timm.create_model('sd_resnet20', drop_path_rate=0.5)
         tuned.load_state_dict(source)
         assert [b.eval_scale.item() for b in stochastic_blocks(tuned)] == pytest.approx(loaded)
+        with torch.no_grad():  # a training-mode pass that trains nothing (BN recalibration) keeps them
+            tuned.train()(torch.randn(2, 3, 8, 8))
+        assert [b.eval_scale.item() for b in stochastic_blocks(tuned)] == pytest.approx(loaded)
         tuned.train()(torch.randn(2, 3, 8, 8))
         own = survival_schedule(9, 0.5)
         assert [b.eval_scale.item() for b in stochastic_blocks(tuned)] == pytest.approx(own)
         assert own != pytest.approx(loaded)
     # folded weights keep their scale in the BN: training a folded model does not scale them twice
-    folded = fold_survival_scale(timm.create_model('sd_resnet20', drop_path_rate=0.5))
+    loaded = timm.create_model('sd_resnet20', drop_path_rate=0.5)
+    loaded.load_state_dict(trained.state_dict())
+    folded = fold_survival_scale(loaded)
     folded.train()(torch.randn(2, 3, 8, 8))
     assert all(b.eval_scale.item() == 1.0 for b in stochastic_blocks(folded))
 
