@@ -338,6 +338,8 @@ def save_weights(model: torch.nn.Module, folder: Path, repo_id: str, tag: Option
     if model.num_classes == 10 and tag == 'cifar10':
         model_config['label_names'] = CIFAR10_LABELS
     save_for_hf(model, folder, model_config=model_config, model_args=sd_model_args(model), safe_serialization=True)
+    # safetensors writes its file owner-only (0600): give it the mode of config.json (the user's umask)
+    os.chmod(folder / 'model.safetensors', (folder / 'config.json').stat().st_mode & 0o777)
 
 
 def _check_export(out: Path, model: torch.nn.Module) -> None:

@@ -106,6 +106,8 @@ def test_publish_a_one_channel_run_with_model_index(tiny_folder, tmp_path):
     res = sd_zoo.publish(str(run), repo_id='org/gray20', checkpoint='last', dry_run=True, out=str(staged))
     config = json.loads((staged / 'config.json').read_text())
     assert config['model_args']['in_chans'] == 1 and res['tag'] is None  # a generated folder names no data set
+    # the weights are as readable as the other staged files (safetensors alone writes them owner-only)
+    assert (staged / 'model.safetensors').stat().st_mode & 0o777 == (staged / 'config.json').stat().st_mode & 0o777
     model = load_model(f'local-dir:{staged}')
     assert model.conv1.weight.shape[1] == 1
 
