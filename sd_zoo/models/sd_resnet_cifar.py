@@ -131,8 +131,12 @@ class SDCifarResNet(nn.Module):
         check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
         if shortcut_type not in SHORTCUT_TYPES:
             raise ValueError(f'unknown shortcut_type {shortcut_type!r}: choose one of {", ".join(SHORTCUT_TYPES)}')
-        if len(channels) != 3:
-            raise ValueError(f'channels must give the widths of the 3 stages, got {channels!r}')
+        if not (isinstance(channels, (tuple, list)) and len(channels) == 3 and all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+            raise ValueError(f'channels must give the widths of the 3 stages as 3 positive integers, got {channels!r}')
+        if list(channels) != sorted(channels):
+            raise ValueError(f'channels {tuple(channels)} must not decrease: a transition shortcut zero-pads to the '
+                             f'next stage\'s width')
         self.depth = depth
         self.num_classes = num_classes
         self.in_chans = in_chans
