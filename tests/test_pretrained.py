@@ -99,7 +99,7 @@ def test_shipped_weights_fine_tune_with_a_new_head():
     assert torch.equal(model.conv1.weight, ref.conv1.weight)
     assert not torch.equal(model.fc.weight[:10], ref.fc.weight)
     feats = timm.create_model(NAME, pretrained=True, features_only=True)
-    assert torch.equal(feats.conv1.weight, ref.conv1.weight)
+    assert torch.equal(feats.model.conv1.weight, ref.conv1.weight)  # timm's getter wrapper (forward_intermediates)
     assert [f.shape[1] for f in feats(torch.randn(1, 3, 32, 32))] == [16, 16, 32, 64]
 
 

@@ -67,6 +67,9 @@ def test_features_only_and_intermediates():
     assert model.feature_info.reduction() == [1, 1, 2, 4]
     outs = model(torch.randn(2, 3, 32, 32))
     assert [tuple(o.shape[1:]) for o in outs] == [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    # the model's input check holds under the feature wrapper too (a 30x30 image is not a multiple of 4)
+    with pytest.raises(ValueError, match='30x30 pixels'):
+        model(torch.randn(2, 3, 30, 30))
     # gates are drawn inside the blocks, so they stay live under timm's feature wrapper
     base = timm.create_model('sd_resnet20')
     final, inter = base.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[1, 3])

@@ -286,7 +286,8 @@ class SDCifarResNet(nn.Module):
 def _create_sd_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDCifarResNet:
     return build_model_with_cfg(
         SDCifarResNet, variant, pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+        # features_only through forward_intermediates (timm's getter), so the input check of _stem runs there too
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
     )
 
