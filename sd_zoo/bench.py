@@ -540,8 +540,7 @@ def check_bench_args(args) -> None:
                                                       f'the folder {folder!r} does not exist'))
     if args.json and os.path.exists(args.json) and not args.overwrite:
         raise ValueError(f'--json {args.json!r} exists: name another file, or add --overwrite to replace it')
-    parts = {'train', 'ddp', 'eval', 'memory'} - set(args.skip) - ({'ddp'} if args.ddp_world_size < 2 else set())
-    if not (parts or args.compile or args.data_dir or args.dataset):
+    if not wanted_parts(args):
         raise ValueError('nothing to measure: --skip leaves no part, and no --compile or data set was given')
     _check_input_size(args)
     if args.data_dir or args.dataset:
@@ -552,6 +551,14 @@ def check_bench_args(args) -> None:
         unknown = [m for m in args.data_models if m not in timm.list_models('sd_*')]
         if unknown:
             raise ValueError(f'--data-models: unknown sd-zoo model {", ".join(unknown)}')
+
+
+def wanted_parts(args) -> List[str]:
+    """The parts the arguments ask for, in the order they run."""
+    wanted = dict(train='train' not in args.skip, data=bool(args.data_dir or args.dataset),
+                  ddp='ddp' not in args.skip and args.ddp_world_size > 1, eval='eval' not in args.skip,
+                  memory='memory' not in args.skip, compile=args.compile)
+    return [name for name, on in wanted.items() if on]
 
 
 def _data_source(args):
@@ -596,18 +603,13 @@ def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = No
             torch_threads=torch.get_num_threads(),
             gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
     )
-    parts = [('train', 'train' not in args.skip, lambda: bench_train(args, device)),
-             ('data', bool(args.data_dir or args.dataset), lambda: _bench_data(args, device)),
-             ('ddp', 'ddp' not in args.skip and args.ddp_world_size > 1, lambda: bench_ddp(args, device)),
-             ('eval', 'eval' not in args.skip, lambda: bench_eval(args, device)),
-             ('memory', 'memory' not in args.skip, lambda: bench_memory(args, device)),
-             ('compile', args.compile, lambda: bench_compile(args, device))]
-    todo = [name for name, wanted, _ in parts if wanted]
-    for name, wanted, measure in parts:
-        if wanted:
-            results['unfinished'] = todo[todo.index(name):]
-            on_part(results)
-            results[name] = measure()
+    measure = dict(train=bench_train, data=_bench_data, ddp=bench_ddp, eval=bench_eval, memory=bench_memory,
+                   compile=bench_compile)
+    parts = wanted_parts(args)
+    for i, name in enumerate(parts):
+        results['unfinished'] = parts[i:]
+        on_part(results)
+        results[name] = measure[name](args, device)
     results.pop('unfinished', None)
     on_part(results)
     return results

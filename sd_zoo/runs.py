@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done', 'read_csv', 'append_epoch_row', 'append_log_rows',
+__all__ = ['Run', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
+           'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')

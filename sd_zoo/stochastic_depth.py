@@ -304,7 +304,7 @@ class StochasticResidual(nn.Module):
         tiny inputs reach 1x1; at a larger resolution a single kept sample runs as it is).
         """
         p = self.survival_prob
-        if p < 1.0 and any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+        if p < 1.0 and self._has_sync_bn():
             raise ValueError("'subset' gates cannot train with SyncBatchNorm: a rank where no sample keeps a block "
                              "would skip the BN's collective and hang the others; use 'batch' gates (or plain "
                              "BatchNorm)")
@@ -364,6 +364,13 @@ class StochasticResidual(nn.Module):
         if self.scaling == 'inverted':
             keep.div_(p)
         return self.act(torch.addcmul(shortcut, out, keep))
+
+    @torch.jit.unused
+    def _has_sync_bn(self) -> bool:
+        """Whether the branch uses SyncBatchNorm; looked up once (models are converted before they train)."""
+        if getattr(self, '_sync_bn', None) is None:
+            self._sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        return self._sync_bn
 
     @torch.jit.unused
     def _trains(self) -> bool:

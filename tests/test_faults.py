@@ -323,8 +323,8 @@ BAD_INPUTS = [
     Bad('hub-unknown-kwarg', hub_load('sd_resnet20', bogus_kwarg=1), 'bogus_kwarg', ValueError),
     Bad('hub-pretrained-unknown-kwarg', hub_load('sd_resnet20', pretrained=True, bogus_kwarg=1), 'bogus_kwarg',
         ValueError),
-    Bad('hub-local-dir-unknown-kwarg', hub_load('sd_resnet20', pretrained=True, drop_pth_rate=0.1,
-                                                hub_id=f"local-dir:{sd_zoo.shipped_weights_dir('sd_resnet20.cifar10')}"),
+    Bad('hub-local-dir-unknown-kwarg', hub_load('sd_resnet20', pretrained=True, drop_pth_rate=0.1, hub_id=(
+        f"local-dir:{sd_zoo.shipped_weights_dir('sd_resnet20.cifar10')}")),
         'sd_resnet20 does not take the argument drop_pth_rate=0.1', ValueError),
     Bad('hub-drop-path-1.5', hub_load('sd_resnet20', drop_path_rate=1.5), 'drop_path_rate must be in [0, 1)',
         ValueError),
