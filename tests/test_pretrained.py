@@ -16,12 +16,10 @@ import sd_zoo
 from sd_zoo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = 'sd_resnet20.cifar10'
-
 # Top-1 of the shipped weights on a fixed 2000-image subset of the shared CIFAR-10 test split
-# (`sd-zoo validate --model sd_resnet20.cifar10 --pretrained --split test --subset 2000 --seed 0`), as in
-# README.md. The test allows 0.5 points for JPEG decoding differences between Pillow builds.
-STATED_SUBSET_TOP1 = {NAME: 88.45}
+# (`sd-zoo validate --model <name> --pretrained --split test --subset 2000 --seed 0`), as in README.md.
+# The test allows 0.5 points for JPEG decoding differences between Pillow builds.
+STATED_SUBSET_TOP1 = {'sd_resnet20.cifar10': 88.45, 'sd_resnet56.cifar10': 89.70}
 
 OFFLINE_SCRIPT = '''
 import json, sys, torch, timm, sd_zoo
@@ -57,6 +55,10 @@ def test_list_pretrained_is_exactly_the_shipped_weights():
         assert (weights.parent / 'README.md').read_text().startswith('---\n')
 
 
+def test_every_shipped_weight_states_its_accuracy():
+    assert sorted(STATED_SUBSET_TOP1) == sorted(sd_zoo.SHIPPED_WEIGHTS)
+
+
 def test_unshipped_name_is_a_clear_error():
     with pytest.raises(ValueError, match='no weights ship with sd-zoo for .sd_resnet110.cifar10.'):
         sd_zoo.shipped_weights_dir('sd_resnet110.cifar10')
@@ -64,20 +66,21 @@ def test_unshipped_name_is_a_clear_error():
         timm.create_model('sd_resnet110.cifar10', pretrained=True)
 
 
-def test_shipped_weights_load_offline_through_timm_local_dir_and_torch_hub(tmp_path):
+@pytest.mark.parametrize('name', sd_zoo.SHIPPED_WEIGHTS)
+def test_shipped_weights_load_offline_through_timm_local_dir_and_torch_hub(name, tmp_path):
     # a fresh process with no reachable Hub and empty caches: anything that tried the network would fail
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'),
                TORCH_HOME=str(tmp_path / 'torch'), PYTHONPATH=str(ROOT))
     out = tmp_path / 'logits.pt'
-    proc = subprocess.run([sys.executable, '-c', OFFLINE_SCRIPT, NAME, str(ROOT), str(out)], env=env,
+    proc = subprocess.run([sys.executable, '-c', OFFLINE_SCRIPT, name, str(ROOT), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hub_ids = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert hub_ids['timm'] == hub_ids['timm_default_tag'] == f'sd-zoo/{NAME}'
+    assert hub_ids['timm'] == hub_ids['timm_default_tag'] == f'sd-zoo/{name}'
     assert not (tmp_path / 'hf' / 'hub').exists() or not any((tmp_path / 'hf' / 'hub').iterdir())
 
-    reference = timm.create_model(NAME.split('.')[0]).eval()
-    reference.load_state_dict(load_file(str(sd_zoo.shipped_weights_dir(NAME) / 'model.safetensors')))
+    reference = timm.create_model(name.split('.')[0]).eval()
+    reference.load_state_dict(load_file(str(sd_zoo.shipped_weights_dir(name) / 'model.safetensors')))
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(x)
@@ -86,19 +89,20 @@ def test_shipped_weights_load_offline_through_timm_local_dir_and_torch_hub(tmp_p
     for source, value in logits.items():
         assert torch.equal(value, expected), source
     # trained weights: eval scales stored in the weights are the schedule's, and the BN statistics are real
-    config = json.loads((sd_zoo.shipped_weights_dir(NAME) / 'config.json').read_text())
+    config = json.loads((sd_zoo.shipped_weights_dir(name) / 'config.json').read_text())
     p_last = 1.0 - config['model_args']['drop_path_rate']
     assert p_last < 1.0 and torch.allclose(reference.layer3[-1].eval_scale, torch.tensor(p_last))
     assert reference.bn1.running_var.mean() != 1.0
 
 
-def test_shipped_weights_fine_tune_with_a_new_head():
-    model = timm.create_model(NAME, pretrained=True, num_classes=100, drop_path_rate=0.3)
-    ref = timm.create_model(NAME, pretrained=True)
+@pytest.mark.parametrize('name', sd_zoo.SHIPPED_WEIGHTS)
+def test_shipped_weights_fine_tune_with_a_new_head(name):
+    model = timm.create_model(name, pretrained=True, num_classes=100, drop_path_rate=0.3)
+    ref = timm.create_model(name, pretrained=True)
     assert model.fc.out_features == 100
     assert torch.equal(model.conv1.weight, ref.conv1.weight)
     assert not torch.equal(model.fc.weight[:10], ref.fc.weight)
-    feats = timm.create_model(NAME, pretrained=True, features_only=True)
+    feats = timm.create_model(name, pretrained=True, features_only=True)
     assert torch.equal(feats.model.conv1.weight, ref.conv1.weight)  # timm's getter wrapper (forward_intermediates)
     assert [f.shape[1] for f in feats(torch.randn(1, 3, 32, 32))] == [16, 16, 32, 64]
 
@@ -115,9 +119,9 @@ def test_shipped_weights_reach_the_stated_accuracy(name, cifar10_dir, tmp_path):
 
 INSTALLED_SCRIPT = '''
 import sys, torch, timm, sd_zoo
-model = timm.create_model(sys.argv[1], pretrained=True).eval()
 print(sd_zoo.__file__)
-print(model.pretrained_cfg['file'])
+for name in sd_zoo.SHIPPED_WEIGHTS:
+    print(timm.create_model(name, pretrained=True).eval().pretrained_cfg['file'])
 '''
 
 
@@ -144,8 +148,9 @@ def test_built_wheel_ships_the_weights_and_loads_them_offline(tmp_path):
                    capture_output=True, timeout=300)
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'),
                PYTHONPATH=str(target))
-    proc = subprocess.run([sys.executable, '-c', INSTALLED_SCRIPT, NAME], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, '-c', INSTALLED_SCRIPT], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    module_file, weights_file = proc.stdout.strip().splitlines()[-2:]
-    assert module_file.startswith(str(target)) and weights_file.startswith(str(target))
+    module_file, *weights_files = proc.stdout.strip().splitlines()[-1 - len(sd_zoo.SHIPPED_WEIGHTS):]
+    assert module_file.startswith(str(target)) and len(weights_files) == len(sd_zoo.SHIPPED_WEIGHTS)
+    assert all(f.startswith(str(target)) for f in weights_files), weights_files

@@ -327,7 +327,7 @@ def _svhn_cfg(**kwargs) -> Dict[str, Any]:
 # source outranks `hf_hub_id`); the hub id says where the same files are published.
 HUB_ORG = 'sd-zoo'
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
-SHIPPED_WEIGHTS = ('sd_resnet20.cifar10',)
+SHIPPED_WEIGHTS = ('sd_resnet20.cifar10', 'sd_resnet56.cifar10')
 
 
 def shipped_weights_dir(name: str) -> Path:
