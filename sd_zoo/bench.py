@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from .engine import autocast, default_device
+from .engine import autocast, autocast_dtype, default_device
 from .runs import write_atomic
 from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, expected_depth, fold_survival_scale, \
     stochastic_blocks
@@ -153,7 +153,7 @@ def _make_step(model: nn.Module, x, y, args, device):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step() -> None:
-        with autocast(device, args.amp):
+        with autocast(device, autocast_dtype(device, args.amp)):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -359,7 +359,7 @@ def bench_eval(args, device) -> Dict[str, Any]:
 
         def fwd(m):
             def step():
-                with autocast(device, args.amp):
+                with autocast(device, autocast_dtype(device, args.amp)):
                     m(x)
             return step
         times = time_interleaved({'sd_folded': fwd(sd), 'plain_resnet': fwd(plain)},

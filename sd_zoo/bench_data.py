@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Augmentation, DataSource, build_loaders, resolve_data_config
-from .engine import autocast
+from .engine import autocast, autocast_dtype
 from .stochastic_depth import set_gate_seed
 
 LOADER_KINDS = ('timm', 'memory')
@@ -31,7 +31,7 @@ def _train_batch(model: nn.Module, opt, x, y, device, amp: bool, channels_last: 
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp):
+    with autocast(device, autocast_dtype(device, amp)):
         loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
-from .engine import default_device, evaluate
+from .engine import autocast_dtype, default_device, evaluate
 from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model
 from .runs import resolve_run, run_input_overrides, write_atomic
 
@@ -84,7 +84,7 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
                                          loader=loader, subset=subset, seed=seed, workers=workers, device=dev,
                                          num_classes=net.num_classes)
     start = time.perf_counter()
-    metrics = evaluate(net, data, dev, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last)
+    metrics = evaluate(net, data, dev, dtype=autocast_dtype(dev, amp, amp_dtype), channels_last=channels_last)
     results = dict(model=model, checkpoint=checkpoint or None, split=split, images=num_images,
                    top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
                    top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6),

@@ -32,7 +32,7 @@ from timm.utils import CheckpointSaver, ParseKwargs
 
 from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, check_class_count, \
     TORCH_DATASETS, image_mode, resolve_data_config, set_loader_epoch
-from .engine import default_device, evaluate, train_one_epoch
+from .engine import default_device, evaluate, train_one_epoch, training_dtype
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
 from .runs import EPOCH_RECORD, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
@@ -78,7 +78,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--interpolation', default='')
     g.add_argument('-b', '--batch-size', type=int, default=128)
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
-    g.add_argument('--channels-last', action='store_true', default=False)
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
+                   help='channels_last memory format (--no-channels-last undoes a recipe\'s)')
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
@@ -86,7 +87,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help='compile the residual branches (sd_zoo.compile_blocks) with this backend')
     g.add_argument('--device', default=None, help="'cpu', 'cuda' (default: cuda if available)")
     g.add_argument('--device-modules', default=None, type=str, nargs='+', help='modules to import first')
-    g.add_argument('--amp', action='store_true', default=False)
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='mixed precision: on a CPU, bfloat16 autocast where the CPU computes it natively (AVX512-BF16 '
+                        '/ AMX), float32 elsewhere (the log says which); --no-amp undoes a recipe\'s')
     g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='sgd')
@@ -653,6 +656,7 @@ class _Training:
     loss_scaler: Any
     mixup_fn: Any
     loaders: Any
+    dtype: Optional[torch.dtype] = None  # autocast (training_dtype); None: float32
     lr_scheduler: Any = None
     num_epochs: int = 0
     start_epoch: int = 0
@@ -683,14 +687,16 @@ def _prepare(args: argparse.Namespace) -> _Training:
     mixup_fn, train_loss_fn = _losses_and_mixup(args)
     task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' \
-        and device.type == 'cuda' else None
+    dtype, precision = training_dtype(device, args.amp, args.amp_dtype)
+    if args.primary:
+        _logger.info(precision)
+    loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
     loaders = _build_loaders(args, data_config, device)
     check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay)
     run = _Training(args=args, device=device, output_dir=output_dir, model=model, task=task, optimizer=optimizer,
-                    loss_scaler=loss_scaler, mixup_fn=mixup_fn, loaders=loaders)
+                    loss_scaler=loss_scaler, mixup_fn=mixup_fn, loaders=loaders, dtype=dtype)
     run.start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
@@ -744,7 +750,7 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
         stats = train_one_epoch(
             task, loaders.train, run.optimizer, epoch=epoch, device=run.device, num_updates=num_updates,
             lr_scheduler=run.lr_scheduler if args.sched_on_updates else None, loss_scaler=run.loss_scaler,
-            mixup_fn=run.mixup_fn, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+            mixup_fn=run.mixup_fn, dtype=run.dtype, channels_last=args.channels_last,
             grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
             world_size=args.world_size, progress=args.primary and not args.no_progress,
             log_interval=args.log_interval if args.primary else 0)
@@ -754,7 +760,7 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
         if loaders.val is not None:
             # timm's train.py reports the EMA model when there is one
             eval_metrics = evaluate(task.get_eval_model(ema=task.has_ema()), loaders.val, run.device,
-                                    **_eval_kwargs(args))
+                                    dtype=run.dtype, channels_last=args.channels_last)
         lr = run.optimizer.param_groups[0]['lr']
         if run.lr_scheduler is not None:
             run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
@@ -777,20 +783,17 @@ def _save_epoch(run: _Training, epoch: int, record: Dict[str, Any]) -> None:
     append_log_rows(run.output_dir, record)
 
 
-def _eval_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    return dict(amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
-
-
 def _finish(run: _Training, eval_metrics: Optional[Dict[str, float]]) -> Dict[str, Any]:
     """results.json (with the test split at the best validation epoch, where there is one); DDP torn down."""
     args, saver = run.args, run.saver
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     results: Dict[str, Any] = dict(model=args.model, output_dir=run.output_dir, epochs=run.num_epochs,
                                    best_epoch=best_epoch, best_metric=best_metric, eval_metric=args.eval_metric,
-                                   last_eval=dict(eval_metrics) if eval_metrics else None)
+                                   last_eval=dict(eval_metrics) if eval_metrics else None,
+                                   autocast=str(run.dtype).replace('torch.', '') if run.dtype else None)
     if args.primary and run.loaders.test is not None:
         results['test'] = _test_at_best_epoch(args, run.output_dir, run.task.has_ema(), run.loaders.test,
-                                              run.device, _eval_kwargs(args))
+                                              run.device, dict(dtype=run.dtype, channels_last=args.channels_last))
         results['test']['epoch'] = best_epoch
         _logger.info(f'test at the best validation epoch ({best_epoch}): top1 {results["test"]["top1"]:.2f}, '
                      f'error {100 - results["test"]["top1"]:.2f}%')
