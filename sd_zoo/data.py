@@ -87,15 +87,43 @@ def image_mode(data_config: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- splits
 
 
+def check_split_name(split: str) -> None:
+    """A split is one folder directly in the data folder, named: never the data folder itself ('.', ''), a
+    parent ('..') or a path (which could reach the training images from a validation split)."""
+    if not isinstance(split, str) or split in ('', '.', '..') or os.path.isabs(split) or \
+            any(sep in split for sep in (os.sep, os.altsep) if sep):
+        raise ValueError(f'split {split!r} is not a split name: a split is one folder directly in the data folder '
+                         f'(train, test, validation, ...), never the data folder itself, a parent or a path')
+
+
 def split_folder(source: DataSource, split: str) -> str:
     """The folder of ``split`` in an image-folder data set; a missing split is an error, never the root."""
+    check_split_name(split)
     folder = os.path.join(source.root, split)
-    if not split or not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         present = sorted(d for d in os.listdir(source.root)
                          if os.path.isdir(os.path.join(source.root, d)) and not d.startswith('.'))
         raise ValueError(f'split {split!r} not found: {source.root!r} has no folder {split!r} '
                          f'(its folders: {", ".join(present) or "none"})')
+    real, root = os.path.realpath(folder), os.path.realpath(source.root)
+    if real == root or root.startswith(real.rstrip(os.sep) + os.sep):
+        raise ValueError(f'split {split!r} in {source.root!r} links to the data folder or a folder above it: it '
+                         f'would hold every split')
     return folder
+
+
+def check_distinct_splits(source: DataSource, train_split: str, **others: Optional[str]) -> None:
+    """Validation and test images are never the training images: a split that is the training split (by name,
+    or an image folder linked to it) is an error."""
+    def identity(split: str) -> str:
+        if source.dataset:
+            return split
+        return os.path.realpath(split_folder(source, split))
+    train = identity(train_split)
+    for flag, split in others.items():
+        if split and identity(split) == train:
+            raise ValueError(f'--{flag.replace("_", "-")} {split!r} is the training split {train_split!r}: '
+                             f'validate on another split, or hold training images out with --val-holdout N')
 
 
 def _torch_split_is_train(source: DataSource, split: str) -> bool:
@@ -560,6 +588,7 @@ def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_spli
                   device: torch.device = torch.device('cpu')) -> Loaders:
     """Train, validation (``val_holdout`` training images, else ``val_split``) and test loaders. Every split
     must exist and have the training split's classes."""
+    check_distinct_splits(source, train_split, val_split=None if val_holdout else val_split, test_split=test_split)
     kind = choose_loader(loader, data_config=data_config, aug=aug)
     if kind == 'memory':
         train_all = _decode_or_fallback(source, train_split, loader=loader, data_config=data_config,

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .published import PublishedConfig, check_published_config, check_published_weights
+
 __all__ = ['check_model_name', 'load_model', 'load_weights', 'load_published', 'read_state_dict',
            'shape_kwargs_from_weights']
 
@@ -212,20 +214,21 @@ def _holds(kind: str, where: str, filename: str, revision: Optional[str]) -> boo
         return False
 
 
-def _read_config(kind: str, where: str, revision: Optional[str]) -> Dict[str, Any]:
+def _read_config(kind: str, where: str, revision: Optional[str]) -> PublishedConfig:
+    """config.json, parsed and checked against the schema (sd_zoo.published): data, never instructions."""
     path = _fetch(kind, where, 'config.json', revision)
     if path is None:
         raise ValueError(f'{where!r} has no config.json: it is not a timm model repository')
     try:
         with open(path) as f:
-            config = json.load(f)
+            config = json.load(f, parse_constant=_no_constant)
     except ValueError as e:
         raise ValueError(f'{where!r}: config.json is not JSON ({e})') from e
-    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
-        raise ValueError(f'{where!r}: config.json is not a timm model config (no "architecture")')
-    if not isinstance(config.get('model_args') or {}, dict):
-        raise ValueError(f'{where!r}: config.json\'s model_args is not a mapping')
-    return config
+    return check_published_config(config, where)
+
+
+def _no_constant(name: str):
+    raise ValueError(f'{name} is not a JSON number')
 
 
 def _read_published_weights(kind: str, where: str, revision: Optional[str]) -> Dict[str, torch.Tensor]:
@@ -254,30 +257,30 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
         raise ValueError(f'{source!r} pins the revision {pinned!r} but revision={revision!r} was given: give one')
     revision = pinned or revision
     config = _read_config(kind, where, revision)
-    arch = config['architecture']
-    if not timm.models.is_model(arch):
-        raise ValueError(f'{where!r}: config.json names the architecture {arch!r}, which no installed package '
-                         f'registers (sd-zoo has {", ".join(timm.list_models("sd_*"))})')
+    arch = config.architecture
     if model_name is not None and timm.models.get_arch_name(model_name) != arch:
         raise ValueError(f'{where!r} holds {arch!r} weights, not {model_name!r}')
     state_dict = _read_published_weights(kind, where, revision)
-    model_args = dict(config.get('model_args') or {})
-    weights_classes = config.get('num_classes', model_args.get('num_classes'))
+    weights_classes = config.model_args.get('num_classes', config.pretrained_cfg.get('num_classes'))
     if num_classes is not None and weights_classes is not None and num_classes != weights_classes:
         raise ValueError(f'{where!r} has {weights_classes}-class weights, not {num_classes}: load them as they '
                          f'are and call model.reset_classifier({num_classes}) to fine-tune')
-    pretrained_cfg = dict(config.get('pretrained_cfg') or {}, architecture=arch)
+    # the architecture's own config (no weight source: sd-zoo loads the folder's file itself) with the
+    # checked input settings of config.json; pretrained=False, so timm fetches nothing
+    pretrained_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), **config.pretrained_cfg,
+                          architecture=arch)
+    for key in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source'):
+        pretrained_cfg.pop(key, None)
+    if config.label_names is not None:
+        pretrained_cfg['label_names'] = list(config.label_names)
     try:
-        model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **dict(model_args, **kwargs))
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg,
+                                  **dict(config.model_args, **kwargs))
     except TypeError as e:  # say whose argument it is: the caller's, or config.json's
         bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if bad and bad.group(1) in kwargs:
             raise ValueError(f'{arch} does not take the argument {bad.group(1)}={kwargs[bad.group(1)]!r}') from e
         raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise ValueError(f'{where!r}: the weights do not fit {arch} built from config.json: '
-                         f'{lines[1].strip() if len(lines) > 1 else e}') from e
+    check_published_weights(model, state_dict, where)
+    model.load_state_dict(state_dict)
     return model.eval()

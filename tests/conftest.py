@@ -40,3 +40,21 @@ def cifar10_dir() -> Path:
     if not SHARED_CIFAR10.exists():
         pytest.skip(f'the shared CIFAR-10 archive is absent ({SHARED_CIFAR10}): a checkout without ../shared/data')
     return extract_cifar10()
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a loopback endpoint in this process, with its own empty cache."""
+    from huggingface_hub import constants
+
+    def point(endpoint: str, offline: bool = False):
+        # what HF_ENDPOINT sets when huggingface_hub is imported
+        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                            endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+        monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', offline)
+        monkeypatch.setenv('SD_ZOO_HUB_TIMEOUT', '2')
+        monkeypatch.setenv('HF_HUB_DISABLE_XET', '1')
+        monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True, raising=False)
+    return point

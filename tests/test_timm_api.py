@@ -98,12 +98,19 @@ def test_device_dtype_kwargs_and_unknown_kwargs():
     (dict(sd_rule='exp'), r"rule 'exp'"),
     (dict(sd_granularity='layer'), r"granularity 'layer'"),
     (dict(sd_scaling='none'), r"scaling 'none'"),
-    (dict(depth=21), r'6n \+ 2'),
+    (dict(depth=21), r'sd_resnet20 has depth 20, not 21'),
+    (dict(depth=56), r'sd_resnet20 has depth 20, not 56'),  # the name fixes the depth
     (dict(shortcut_type='conv'), r"shortcut_type 'conv'"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model('sd_resnet20', **kwargs)
+
+
+def test_depth_must_be_6n_plus_2():
+    from sd_zoo.models.sd_resnet_cifar import SDCifarResNet
+    with pytest.raises(ValueError, match=r'6n \+ 2'):
+        SDCifarResNet(depth=21)
 
 
 def test_wrong_input_channels_is_a_value_error():

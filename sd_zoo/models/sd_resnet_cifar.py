@@ -19,7 +19,7 @@ from timm.models._features import feature_take_indices
 
 from ..stochastic_depth import StochasticResidual, check_model_sd_args, survival_schedule
 
-__all__ = ['SDCifarResNet', 'CifarBasicBlock', 'shipped_weights_dir', 'SHIPPED_WEIGHTS']
+__all__ = ['SDCifarResNet', 'CifarBasicBlock', 'shipped_weights_dir', 'SHIPPED_WEIGHTS', 'arch_depth']
 
 SHORTCUT_TYPES = ('avg', 'subsample')
 
@@ -283,7 +283,20 @@ class SDCifarResNet(nn.Module):
         return self.forward_head(x)
 
 
+CIFAR_ARCH_DEPTHS = {**{f'sd_resnet{d}': d for d in (20, 32, 44, 56, 110, 1202)}, 'sd_resnet152_cifar': 152}
+
+
+def arch_depth(arch: str) -> Optional[int]:
+    """The depth a CIFAR architecture's name fixes; None for a model of another family."""
+    return CIFAR_ARCH_DEPTHS.get(arch)
+
+
 def _create_sd_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    # the name fixes the depth: a depth argument (from a config.json's model_args, say) may only repeat it
+    depth = CIFAR_ARCH_DEPTHS[variant]
+    if kwargs.setdefault('depth', depth) != depth:
+        raise ValueError(f'{variant} has depth {depth}, not {kwargs["depth"]!r}: name the model of that depth '
+                         f'({", ".join(CIFAR_ARCH_DEPTHS)})')
     return build_model_with_cfg(
         SDCifarResNet, variant, pretrained,
         # features_only through forward_intermediates (timm's getter), so the input check of _stem runs there too

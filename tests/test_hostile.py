@@ -1,0 +1,240 @@
+"""Files from outside are data, never instructions: hostile or careless published folders and Hub repos.
+
+Each case starts from a folder that ``sd-zoo publish`` stages (config.json + model.safetensors of a real
+sd_resnet20) and changes one thing, as a hostile or careless publisher would. Loading it through every
+route that reads a published folder (``local-dir:`` as sd-zoo validate and load_published take it, torch.hub's
+``hub_id=``, and a real loopback Hub over HTTP) must end in a one-line ValueError naming the problem, with
+nothing fetched: the loopback server records every request it gets.
+"""
+import json
+import math
+from pathlib import Path
+from typing import Callable, Dict, NamedTuple
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from hub_server import start_hub, stop_hub
+from sd_zoo.cli import main
+from sd_zoo.loading import load_published
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIL_URL = 'http://127.0.0.1:9/evil.pth'  # the discard port: nothing may ever try it
+
+
+class Tamper(NamedTuple):
+    name: str
+    config: Callable[[dict], None]  # edits config.json in place
+    weights: Callable[[Dict[str, torch.Tensor]], None]  # edits the state_dict in place
+    message: str  # what the one-line error must say
+
+
+def _set(path: str, value):
+    """An edit that sets config[path] ('a.b' for nested keys)."""
+    def edit(config: dict):
+        keys = path.split('.')
+        node = config
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return edit
+
+
+def _keep(_):
+    return None
+
+
+def _nan(sd):
+    sd['fc.weight'][0, 0] = float('nan')
+
+
+def _inf(sd):
+    sd['layer1.0.bn1.running_var'][0] = float('inf')
+
+
+def _int64_bn(sd):
+    sd['bn1.running_mean'] = sd['bn1.running_mean'].round().to(torch.int64)
+
+
+def _half(sd):
+    sd['conv1.weight'] = sd['conv1.weight'].half()
+
+
+def _drop_eval_scales(sd):
+    for key in [k for k in sd if k.endswith('eval_scale')]:
+        del sd[key]
+
+
+def _extra_key(sd):
+    sd['backdoor.weight'] = torch.zeros(3)
+
+
+def _shape(sd):
+    sd['fc.bias'] = torch.zeros(11)
+
+
+CASES = [
+    # a config that steers the loader: never a download, never another model than the one named
+    Tamper('pretrained-with-url', lambda c: (_set('model_args.pretrained', True)(c),
+                                             _set('pretrained_cfg.url', EVIL_URL)(c)), _keep,
+           "model_args has keys sd-zoo does not load: pretrained"),
+    Tamper('url', _set('pretrained_cfg.url', EVIL_URL), _keep, 'pretrained_cfg has keys sd-zoo does not load: url'),
+    Tamper('file', _set('pretrained_cfg.file', '/etc/passwd'), _keep, 'does not load: file'),
+    Tamper('state-dict-source', _set('pretrained_cfg.source', 'hf-hub'), _keep, 'does not load: source'),
+    Tamper('custom-load', _set('pretrained_cfg.custom_load', True), _keep, 'pretrained_cfg.custom_load is not'),
+    Tamper('depth-override', _set('model_args.depth', 56), _keep, 'model_args.depth 56 contradicts its architecture'),
+    Tamper('unknown-model-arg', _set('model_args.act_layer', 'gelu'), _keep, 'does not load: act_layer'),
+    Tamper('string-rate', _set('model_args.drop_path_rate', '0.5'), _keep, 'drop_path_rate is not a valid value'),
+    Tamper('rate-one', _set('model_args.drop_path_rate', 1.0), _keep, 'drop_path_rate is not a valid value'),
+    Tamper('bool-classes', _set('model_args.num_classes', True), _keep, 'num_classes is not a valid value'),
+    Tamper('granularity', _set('model_args.sd_granularity', 'layer'), _keep, 'sd_granularity is not a valid'),
+    Tamper('imagenet-arch-cifar-arg', lambda c: (_set('architecture', 'sd_resnet18')(c),
+                                                 c['model_args'].pop('drop_rate')), _keep,
+           'which only the CIFAR models take'),
+    Tamper('foreign-arch', _set('architecture', 'resnet18'), _keep, "'resnet18', is not an sd-zoo model"),
+    Tamper('mean-length', _set('pretrained_cfg.mean', [0.5, 0.5]), _keep, 'mean has 2 values for 3 input'),
+    Tamper('zero-std', _set('pretrained_cfg.std', [0.0, 0.2, 0.2]), _keep, 'pretrained_cfg.std is not a valid'),
+    Tamper('labels-vs-classes', _set('label_names', ['cat', 'dog']), _keep, 'different class counts'),
+    Tamper('nan-constant', _set('pretrained_cfg.crop_pct', math.nan), _keep, 'config.json is not JSON'),
+    Tamper('top-level-extra', _set('hook', 'import os'), _keep, 'top level has keys sd-zoo does not load: hook'),
+    # weights that are not the model's: never cast, defaulted or evaluated
+    Tamper('nan-weights', _keep, _nan, 'weight fc.weight holds NaN or infinite values'),
+    Tamper('inf-bn-stats', _keep, _inf, 'layer1.0.bn1.running_var holds NaN or infinite'),
+    Tamper('int64-bn-stats', _keep, _int64_bn, 'bn1.running_mean is torch.int64'),
+    Tamper('half-conv', _keep, _half, 'conv1.weight is torch.float16'),
+    Tamper('no-eval-scales', _keep, _drop_eval_scales, 'missing layer1.0.eval_scale'),
+    Tamper('extra-tensor', _keep, _extra_key, 'unexpected backdoor.weight'),
+    Tamper('head-shape', _keep, _shape, 'fc.bias is torch.float32 (11,)'),
+]
+
+
+@pytest.fixture(scope='module')
+def published(tmp_path_factory) -> Path:
+    """A folder as sd-zoo publish stages it (the shipped sd_resnet20.cifar10 files)."""
+    import sd_zoo
+    return sd_zoo.shipped_weights_dir('sd_resnet20.cifar10')
+
+
+def _tampered(published: Path, case: Tamper, folder: Path) -> Path:
+    folder.mkdir()
+    config = json.loads((published / 'config.json').read_text())
+    case.config(config)
+    (folder / 'config.json').write_text(json.dumps(config))  # NaN is written as the bare constant NaN
+    sd = load_file(str(published / 'model.safetensors'))
+    case.weights(sd)
+    save_file(sd, str(folder / 'model.safetensors'))
+    return folder
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e)
+    assert '\n' not in text and 'Traceback' not in text, text
+    return text
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
+def test_tampered_local_folder_is_a_one_line_error(case: Tamper, published: Path, tmp_path, monkeypatch):
+    folder = _tampered(published, case, tmp_path / case.name)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))  # where a timm download would land
+    with pytest.raises(ValueError) as err:
+        load_published(f'local-dir:{folder}')
+    assert case.message in _one_line(err.value), err.value
+    hub = pytest.importorskip('hubconf')
+    with pytest.raises(ValueError) as err:
+        hub.sd_resnet20(pretrained=True, hub_id=f'local-dir:{folder}')
+    assert case.message in _one_line(err.value)
+    assert not (tmp_path / 'torch_home').exists(), 'something was downloaded'
+
+
+@pytest.mark.parametrize('name', ['pretrained-with-url', 'depth-override', 'nan-weights', 'no-eval-scales'])
+def test_tampered_hub_repo_fetches_nothing_else(name: str, published: Path, tmp_path, hub_env, monkeypatch):
+    """The same over real HTTP: the loader asks the loopback Hub for config.json and model.safetensors of
+    that repo only, and the URL in the config is never requested."""
+    case = next(c for c in CASES if c.name == name)
+    folder = _tampered(published, case, tmp_path / name)
+    if name == 'pretrained-with-url':  # the URL points at the Hub server itself, so a request would be seen
+        config = json.loads((folder / 'config.json').read_text())
+    server, state, endpoint = start_hub()
+    hub_env(endpoint)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    try:
+        if name == 'pretrained-with-url':
+            config['pretrained_cfg']['url'] = endpoint + '/evil.pth'
+            (folder / 'config.json').write_text(json.dumps(config))
+        files = {f.name: f.read_bytes() for f in folder.iterdir()}
+        state.repos['org/hostile'] = {'main': {'sha': 'b' * 40, 'files': files}}
+        with pytest.raises(ValueError) as err:
+            load_published('hf-hub:org/hostile')
+        assert case.message in _one_line(err.value)
+    finally:
+        stop_hub(server)
+    paths = {p.split('?')[0] for _, p in state.requests}
+    assert all(p.startswith('/org/hostile/resolve/main/') for p in paths if '/resolve/' in p), paths
+    assert not any('evil' in p for p in paths) and not (tmp_path / 'torch_home').exists()
+
+
+def test_validate_command_names_the_problem(published: Path, tmp_path, capsys):
+    folder = _tampered(published, next(c for c in CASES if c.name == 'nan-weights'), tmp_path / 'nan')
+    assert main(['validate', '--model', f'local-dir:{folder}', '--data-dir', str(tmp_path), '--split', 'test']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds NaN or infinite values' in err[0], err
+
+
+def test_the_untampered_folder_loads_with_its_own_settings(published: Path):
+    """The schema lets through everything sd-zoo publish writes, and the model is the one it describes."""
+    model = load_published(f'local-dir:{published}')
+    reference = timm.create_model('sd_resnet20.cifar10', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert model.pretrained_cfg['mean'] == reference.pretrained_cfg['mean']
+    assert not any(model.pretrained_cfg.get(k) for k in ('url', 'file', 'hf_hub_id', 'state_dict'))
+    assert model.pretrained_cfg['label_names'][0] == 'airplane'
+
+
+# ---------------------------------------------------------------------------------------------- data splits
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory) -> Path:
+    from test_faults import _folder
+    root = _folder(tmp_path_factory.mktemp('splits') / 'data')
+    (root / 'to_root').symlink_to(root, target_is_directory=True)  # a split that would hold every split
+    (root / 'val').symlink_to(root / 'train', target_is_directory=True)  # the training images again
+    return root
+
+
+def _validate(root: Path, split: str):
+    return ['validate', '--model', 'sd_resnet20.cifar10', '--pretrained', '--data-dir', str(root), '--split', split,
+            '-j', '0']
+
+
+def _train(root: Path, *extra: str):
+    return ['train', '--model', 'sd_resnet20', '--data-dir', str(root), '--epochs', '1', '-b', '8', '-j', '0',
+            '--no-progress', *extra]
+
+
+BAD_SPLITS = [
+    ('validate-dot', lambda r: _validate(r, '.'), "split '.' is not a split name"),
+    ('validate-parent', lambda r: _validate(r, '..'), "split '..' is not a split name"),
+    ('validate-path', lambda r: _validate(r, 'train/../test'), 'is not a split name'),
+    ('validate-absolute', lambda r: _validate(r, str(r / 'test')), 'is not a split name'),
+    ('validate-link-to-root', lambda r: _validate(r, 'to_root'), 'links to the data folder'),
+    ('train-val-dot', lambda r: _train(r, '--val-split', '.'), "split '.' is not a split name"),
+    ('train-val-is-train', lambda r: _train(r, '--val-split', 'train'), "--val-split 'train' is the training split"),
+    ('train-val-linked-to-train', lambda r: _train(r, '--val-split', 'val'), "--val-split 'val' is the training"),
+    ('train-test-is-train', lambda r: _train(r, '--val-split', 'test', '--test-split', 'train'),
+     "--test-split 'train' is the training split"),
+    ('train-split-parent', lambda r: _train(r, '--train-split', '..', '--val-split', 'test'), 'is not a split name'),
+]
+
+
+@pytest.mark.parametrize('argv,message', [b[1:] for b in BAD_SPLITS], ids=[b[0] for b in BAD_SPLITS])
+def test_a_split_is_a_named_folder_of_its_own(argv, message, image_folder: Path, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train's default output folder
+    assert main(argv(image_folder)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'output').exists() or not any((tmp_path / 'output').rglob('*.pth.tar'))
