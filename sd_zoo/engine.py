@@ -1,5 +1,6 @@
 """The loops: one training epoch and an evaluation pass, with one autocast rule and one device rule."""
 import logging
+import math
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -88,6 +89,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: Optional[
     return OrderedDict(loss=loss_sum / total, top1=top1_sum / total, top5=top5_sum / total)
 
 
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite: training stops before the step that would spread it."""
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -120,6 +125,9 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
         with nullcontext() if last_accum else task.no_sync():
             with autocast(device, dtype):
                 loss = task(images, target)['loss']
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # before the step: the weights stay as the last good step left them
+                raise NonFiniteLoss(f'the training loss is {loss_value} at epoch {epoch}, step {batch_idx}')
             _backward(loss / grad_accum_steps, task, optimizer, loss_scaler, last_accum, clip_grad, clip_mode)
         if last_accum:
             optimizer.zero_grad()
@@ -128,7 +136,7 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
         n = images.shape[0]
-        losses += loss.item() * n
+        losses += loss_value * n
         seen += n
         batches += 1
         active_sum += active_blocks(blocks, n)

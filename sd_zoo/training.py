@@ -32,7 +32,7 @@ from timm.utils import CheckpointSaver, ParseKwargs
 
 from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build_loaders, check_class_count, \
     TORCH_DATASETS, image_mode, resolve_data_config, set_loader_epoch
-from .engine import default_device, evaluate, train_one_epoch, training_dtype
+from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
 from .runs import EPOCH_RECORD, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
@@ -227,7 +227,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
 
 
 # the least value of each count (None: unset is fine), and the range of each probability
-_AT_LEAST = dict(batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1, workers=0, val_holdout=0,
+_AT_LEAST = dict(lr=0.0, warmup_lr=0.0, min_lr=0.0, weight_decay=0.0, momentum=0.0, batch_size=1, epochs=1,
+                 grad_accum_steps=1, checkpoint_hist=1, workers=0, val_holdout=0,
                  train_subset=0, val_subset=0, warmup_epochs=0, cooldown_epochs=0, log_interval=0, num_classes=1,
                  in_chans=1, img_size=1, validation_batch_size=1, start_epoch=0)
 _IN_RANGE = dict(hflip=(0.0, 1.0, True), smoothing=(0.0, 1.0, False), drop=(0.0, 1.0, False),
@@ -236,7 +237,12 @@ _IN_RANGE = dict(hflip=(0.0, 1.0, True), smoothing=(0.0, 1.0, False), drop=(0.0,
 
 def check_train_args(args: argparse.Namespace) -> None:
     """Every bad value is an error before any work; never a crash or an AssertionError an epoch later, and
-    never a silent change (a negative --val-subset would slice off images)."""
+    never a silent change (a negative --val-subset would slice off images, a NaN --lr trains on NaN)."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f'--{name.replace("_", "-")} must be a finite number, got {bad[0]}')
     for name, least in _AT_LEAST.items():
         value = getattr(args, name)
         if value is not None and value < least:
@@ -747,13 +753,7 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
     for epoch in range(run.start_epoch, run.num_epochs):
         epoch_start = time.perf_counter()
         set_loader_epoch(loaders.train, epoch)
-        stats = train_one_epoch(
-            task, loaders.train, run.optimizer, epoch=epoch, device=run.device, num_updates=num_updates,
-            lr_scheduler=run.lr_scheduler if args.sched_on_updates else None, loss_scaler=run.loss_scaler,
-            mixup_fn=run.mixup_fn, dtype=run.dtype, channels_last=args.channels_last,
-            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-            world_size=args.world_size, progress=args.primary and not args.no_progress,
-            log_interval=args.log_interval if args.primary else 0)
+        stats = _train_epoch(run, epoch, num_updates)
         num_updates = stats['num_updates']
         if args.distributed:
             distribute_bn(run.model, args.world_size, reduce=False)  # rank 0's BN statistics everywhere
@@ -771,6 +771,26 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
             _log_epoch(epoch, stats, eval_metrics, epochs_left=run.num_epochs - 1 - epoch, epoch_times=epoch_times)
             _test_pause('logs-written', epoch)
     return eval_metrics
+
+
+def _train_epoch(run: _Training, epoch: int, num_updates: int) -> Dict[str, float]:
+    """One epoch; a loss that turns NaN or infinite stops the run with a one-line error that names the last
+    good checkpoint (the epoch's step never ran, and no checkpoint of this epoch is written)."""
+    args = run.args
+    try:
+        return train_one_epoch(
+            run.task, run.loaders.train, run.optimizer, epoch=epoch, device=run.device, num_updates=num_updates,
+            lr_scheduler=run.lr_scheduler if args.sched_on_updates else None, loss_scaler=run.loss_scaler,
+            mixup_fn=run.mixup_fn, dtype=run.dtype, channels_last=args.channels_last,
+            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+            world_size=args.world_size, progress=args.primary and not args.no_progress,
+            log_interval=args.log_interval if args.primary else 0)
+    except NonFiniteLoss as e:
+        last = os.path.join(run.output_dir, 'last.pth.tar')
+        where = f'the last good checkpoint is {last} (epoch {epoch - 1})' if epoch > 0 and os.path.exists(last) \
+            else 'no checkpoint was written'
+        raise NonFiniteLoss(f'{e} (lr {run.optimizer.param_groups[0]["lr"]:g}): training stopped; {where}; a lower '
+                            f'--lr or --clip-grad may help') from None
 
 
 def _save_epoch(run: _Training, epoch: int, record: Dict[str, Any]) -> None:

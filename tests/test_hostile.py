@@ -238,3 +238,44 @@ def test_a_split_is_a_named_folder_of_its_own(argv, message, image_folder: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / 'output').exists() or not any((tmp_path / 'output').rglob('*.pth.tar'))
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+NOT_NUMBERS = [('--lr', 'nan'), ('--lr', 'inf'), ('--momentum', 'nan'), ('--weight-decay', '-inf'),
+               ('--warmup-lr', 'nan'), ('--smoothing', 'nan'), ('--drop-path', 'nan'), ('--clip-grad', 'inf')]
+
+
+@pytest.mark.parametrize('flag,value', NOT_NUMBERS, ids=[f'{f}={v}' for f, v in NOT_NUMBERS])
+def test_non_finite_hyperparameters_are_errors(flag, value, image_folder: Path, capsys, tmp_path):
+    assert main(_train(image_folder, '--val-split', 'test', '--output', str(tmp_path), f'{flag}={value}')) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{flag} must be a finite number, got {value}' in err[0], err
+    assert not any(tmp_path.rglob('*.pth.tar'))
+
+
+@pytest.mark.parametrize('flag,value', [('--lr', '-0.1'), ('--weight-decay', '-1e-4'), ('--momentum', '-0.9')])
+def test_negative_optimizer_settings_are_errors(flag, value, image_folder: Path, capsys, tmp_path):
+    assert main(_train(image_folder, '--val-split', 'test', '--output', str(tmp_path), f'{flag}={value}')) == 2
+    assert f'{flag} must be at least 0' in capsys.readouterr().err
+
+
+def test_a_loss_that_diverges_stops_the_run_at_the_last_good_checkpoint(image_folder: Path, capsys, tmp_path):
+    """Epoch 0 warms up at lr 0.01 and is saved; epoch 1 runs at lr 1e30 and its loss overflows: the run stops
+    with a one-line error naming epoch 0's checkpoint, which still holds finite weights."""
+    argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--experiment', 'diverge',
+                  '--epochs', '3', '--sched', 'step', '--warmup-epochs', '1', '--warmup-lr', '0.01', '--lr', '1e30',
+                  '--decay-epochs', '100')
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    run = tmp_path / 'diverge'
+    assert len(err) == 1 and 'the training loss is' in err[0] and 'at epoch 1' in err[0], err
+    assert f'the last good checkpoint is {run / "last.pth.tar"} (epoch 0)' in err[0]
+    from timm.utils import load_checkpoint_metadata
+    from sd_zoo.loading import read_state_dict
+    assert load_checkpoint_metadata(str(run / 'last.pth.tar'))['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in read_state_dict(str(run / 'last.pth.tar')).values()
+               if v.is_floating_point())
+    assert not (run / 'checkpoint-1.pth.tar').exists()
+    assert [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()[1:]] == ['0']
