@@ -58,6 +58,9 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
 
     >>> sd_zoo.validate('sd_resnet20.cifar10', pretrained=True, data_dir='cifar10', split='test')
     """
+    if not isinstance(model, str):
+        raise TypeError(f'validate(): model must be a model name, hf-hub:ORG/NAME or local-dir:PATH, got '
+                        f'{type(model).__name__}')
     check_results_file(results_file, overwrite)
     split = split or ('test' if dataset else 'validation')  # torchvision's data sets have train and test only
     for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):

@@ -467,6 +467,8 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
     """Check every input, stage a run or checkpoint as a Hub repository (``out``, else a new temporary folder,
     removed after a successful push) and push it in one commit (not with ``dry_run``). A failed push leaves
     the staged folder as it was."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f'publish(): source must be a run folder or checkpoint path, got {type(source).__name__}')
     _check_repo_id(repo_id)
     plan = plan_publication(source, repo_id=repo_id, model_name=model, which=checkpoint, use_ema=ema, tag=tag,
                             out_dir=out, data=EvalData(data_dir, dataset, dataset_download, split),

@@ -156,16 +156,45 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
 
 
 def make_train_args(config: str = '', **options) -> argparse.Namespace:
-    """The arguments of a Python ``train()`` call: flag defaults, then the recipe, then ``options``."""
+    """The arguments of a Python ``train()`` call: flag defaults, then the recipe, then ``options``, each of
+    the type its flag takes (``epochs='2'`` is a TypeError naming it, not a crash deep inside)."""
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f'train(): config must be a recipe name or a YAML file path, got {type(config).__name__}')
     parser = build_train_parser()
     values = vars(parser.parse_args([]))
     if config:
-        values.update(load_config(config, parser), config=config)
+        values.update(load_config(os.fspath(config), parser), config=os.fspath(config))
     unknown = sorted(k for k in options if k not in values)
     if unknown:
         raise ValueError(f'train() has no option {", ".join(unknown)} (options are sd-zoo train\'s flags with _)')
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in options.items():
+        _check_option_type(actions[key], key, value)
     values.update(options)
     return argparse.Namespace(**values)
+
+
+def _check_option_type(action: argparse.Action, key: str, value: Any) -> None:
+    """A Python option has its flag's type: int (not bool) for an int flag, a number for a float flag, a bool
+    for an on/off flag, a list of them for a flag of several values; None only where the flag's default is."""
+    if value is None and action.default is None:
+        return
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        ok, want = isinstance(value, bool), 'a bool'
+    elif isinstance(action, ParseKwargs):
+        ok, want = isinstance(value, dict), 'a dict'
+    else:
+        kind = action.type or str
+        one = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
+            (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else \
+            (lambda v: isinstance(v, (str, os.PathLike)))
+        several = action.nargs not in (None, '?')
+        ok = all(one(v) for v in value) if several and isinstance(value, (list, tuple)) else \
+            not several and one(value)
+        name = dict(int='an int', float='a number', str='a str')[kind.__name__]
+        want = f'a list of {name.split()[1]}s' if several else name
+    if not ok:
+        raise TypeError(f'train(): {key} must be {want}, got {value!r:.80}')
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:

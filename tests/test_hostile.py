@@ -279,3 +279,36 @@ def test_a_loss_that_diverges_stops_the_run_at_the_last_good_checkpoint(image_fo
                if v.is_floating_point())
     assert not (run / 'checkpoint-1.pth.tar').exists()
     assert [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()[1:]] == ['0']
+
+
+# ---------------------------------------------------------------------------------------------- Python API
+
+
+def _api_cases():
+    import sd_zoo
+    return [
+        ('train-config-fd', lambda: sd_zoo.train(config=1), TypeError, 'config must be a recipe name'),
+        ('train-config-int', lambda: sd_zoo.train(config=123), TypeError, 'config must be a recipe name'),
+        ('train-epochs-str', lambda: sd_zoo.train('smoke_sd', epochs='2'), TypeError, "epochs must be an int, got '2'"),
+        ('train-epochs-bool', lambda: sd_zoo.train('smoke_sd', epochs=True), TypeError, 'epochs must be an int'),
+        ('train-lr-str', lambda: sd_zoo.train('smoke_sd', lr='0.1'), TypeError, 'lr must be a number'),
+        ('train-amp-str', lambda: sd_zoo.train('smoke_sd', amp='yes'), TypeError, 'amp must be a bool'),
+        ('train-mean-scalar', lambda: sd_zoo.train('smoke_sd', mean=0.5), TypeError, 'mean must be a list of numbers'),
+        ('train-kwargs-list', lambda: sd_zoo.train('smoke_sd', model_kwargs=['a']), TypeError,
+         'model_kwargs must be a dict'),
+        ('validate-none', lambda: sd_zoo.validate(None), TypeError, 'model must be a model name'),
+        ('validate-module', lambda: sd_zoo.validate(torch.nn.Linear(1, 1)), TypeError, 'got Linear'),
+        ('publish-none', lambda: sd_zoo.publish(None, repo_id='org/x'), TypeError, 'source must be a run folder'),
+        ('add-sd-none', lambda: sd_zoo.add_stochastic_depth(None), TypeError, 'model must be a torch.nn.Module'),
+        ('add-sd-str', lambda: sd_zoo.add_stochastic_depth('resnet50'), TypeError, 'got str'),
+    ]
+
+
+@pytest.mark.parametrize('index', range(13))
+def test_public_functions_name_a_wrong_argument(index, capfd):
+    name, call, kind, message = _api_cases()[index]
+    with pytest.raises(kind) as err:
+        call()
+    assert message in _one_line(err.value), (name, err.value)
+    print('still open', flush=True)  # train(config=1) must not have closed this process's stdout
+    assert 'still open' in capfd.readouterr().out

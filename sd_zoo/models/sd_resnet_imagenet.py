@@ -145,6 +145,8 @@ def add_stochastic_depth(
     saved); ``paper`` scaling saves each block's eval scale. ``drop_path_rate`` is 1 - p_L. Returns the
     converted model (a copy unless inplace).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'add_stochastic_depth(): model must be a torch.nn.Module, got {type(model).__name__}')
     check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         raise ValueError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck blocks to convert')
