@@ -197,14 +197,23 @@ def _check_option_type(action: argparse.Action, key: str, value: Any) -> None:
         raise TypeError(f'train(): {key} must be {want}, got {value!r:.80}')
 
 
+_YAML11_FLOAT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')  # 1e-3: a float that YAML 1.1 reads as text
+
+
 def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
-    """A YAML value as the flag would parse it (``epochs: 1.5`` is an error, not a crash later)."""
+    """A YAML value as the flag would parse it (``epochs: 1.5`` is an error, not a crash later; ``lr: 1e-3``,
+    which YAML 1.1 reads as a string, is the number it means)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)) and \
+            not isinstance(value, bool):
+        raise ValueError(f'config file {path!r}: {key} must be true or false, got {value!r}')
     if value is None or action.type is None or isinstance(action, argparse._StoreConstAction):
         return value
     values = _nargs_values(action, key, value, path)
     try:
         out = []
         for v in values:
+            if action.type is float and isinstance(v, str) and _YAML11_FLOAT.fullmatch(v):
+                v = float(v)
             if action.type in (int, float) and isinstance(v, (bool, str)) or (action.type is int and v != int(v)):
                 raise ValueError(v)
             out.append(action.type(v))

@@ -8,6 +8,7 @@ nothing fetched: the loopback server records every request it gets.
 """
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple
 
@@ -312,3 +313,33 @@ def test_public_functions_name_a_wrong_argument(index, capfd):
     assert message in _one_line(err.value), (name, err.value)
     print('still open', flush=True)  # train(config=1) must not have closed this process's stdout
     assert 'still open' in capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path):
+    from sd_zoo.training import parse_train_args
+    (tmp_path / 'c.yaml').write_text('lr: 1e-3\nweight_decay: 5E-4\nmean: [1e-1, 0.5, 5e-1]\n')
+    args = parse_train_args(['--config', str(tmp_path / 'c.yaml')])
+    assert args.lr == 1e-3 and args.weight_decay == 5e-4 and args.mean == [0.1, 0.5, 0.5]
+
+
+@pytest.mark.parametrize('text,message', [('amp: "true"\n', 'amp must be true or false'),
+                                          ('epochs: 1e2\n', 'epochs must be int'),
+                                          ('lr: 1e-3x\n', 'lr must be float')])
+def test_yaml_values_of_the_wrong_kind_are_errors(text, message, tmp_path):
+    from sd_zoo.training import parse_train_args
+    (tmp_path / 'c.yaml').write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(['--config', str(tmp_path / 'c.yaml')])
+
+
+def test_a_local_file_named_like_a_recipe_is_not_silently_the_recipe(tmp_path, monkeypatch):
+    from sd_zoo.recipes import RECIPES_DIR, resolve_recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'smoke_sd').write_text('epochs: 1\n')
+    with pytest.raises(ValueError, match=r"both a recipe name and a file here: write \./smoke_sd"):
+        resolve_recipe('smoke_sd')
+    assert resolve_recipe('./smoke_sd') == './smoke_sd'
+    assert resolve_recipe('smoke_sd.yaml') == os.path.join(RECIPES_DIR, 'smoke_sd.yaml')  # no such file here

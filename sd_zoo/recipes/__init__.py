@@ -22,13 +22,18 @@ def list_recipes() -> Dict[str, str]:
 
 
 def resolve_recipe(name_or_path: str) -> str:
-    """The YAML file of a recipe name (``cifar10_resnet110_sd``) or a path; anything else is an error."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
+    """The YAML file of a recipe name (``cifar10_resnet110_sd``) or a path; anything else is an error. A bare
+    recipe name that is also a file here is ambiguous, never silently the file: write ``./NAME`` for it."""
     name = name_or_path[:-5] if name_or_path.endswith('.yaml') else name_or_path
     path = os.path.join(RECIPES_DIR, f'{os.path.basename(name)}.yaml')
-    if os.path.isfile(path) and os.path.basename(name) == name:
+    is_recipe = os.path.isfile(path) and os.path.basename(name) == name
+    if is_recipe and os.path.isfile(name_or_path) and os.path.realpath(name_or_path) != os.path.realpath(path):
+        raise ValueError(f'config {name_or_path!r} is both a recipe name and a file here: write ./{name_or_path} '
+                         f'for the file, or run elsewhere for the recipe')
+    if is_recipe:
         return path
+    if os.path.isfile(name_or_path):
+        return name_or_path
     raise ValueError(f'config {name_or_path!r} is neither a file nor a recipe name (recipes: '
                      f'{", ".join(list_recipes())}; see sd-zoo recipes)')
 
