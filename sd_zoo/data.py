@@ -115,13 +115,15 @@ def split_folder(source: DataSource, split: str) -> str:
 def check_distinct_splits(source: DataSource, train_split: str, **others: Optional[str]) -> None:
     """Validation and test images are never the training images: a split that is the training split (by name,
     or an image folder linked to it) is an error."""
-    def identity(split: str) -> str:
+    def identity(split: str) -> Optional[str]:  # None: a missing folder, which reading the split reports
         if source.dataset:
             return split
-        return os.path.realpath(split_folder(source, split))
+        check_split_name(split)
+        folder = os.path.join(source.root, split)
+        return os.path.realpath(folder) if os.path.isdir(folder) else None
     train = identity(train_split)
     for flag, split in others.items():
-        if split and identity(split) == train:
+        if split and train is not None and identity(split) == train:
             raise ValueError(f'--{flag.replace("_", "-")} {split!r} is the training split {train_split!r}: '
                              f'validate on another split, or hold training images out with --val-holdout N')
 
