@@ -24,13 +24,52 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['Run', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
+__all__ = ['Run', 'RunFolderLock', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
 EPOCH_RECORD = 'last_epoch.json'
 LOG_FILES = ('summary.csv', 'epochs.csv')
+LOCK_NAME = '.sd-zoo-train.lock'
+
+
+class RunFolderLock:
+    """One writer per run folder: an exclusive ``flock`` on ``FOLDER/.sd-zoo-train.lock``, held while a training
+    process writes there. The kernel drops it when the process ends, however it ends (a SIGKILL included), so a
+    lock never outlives its run and a stale lock file is simply taken over. A second run into the same folder (two
+    ``--resume`` of one run, two new runs with one ``--experiment``) is a one-line error, never a second writer."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.created = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, LOCK_NAME)
+        self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): one writer is then the user's to keep
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(self._fd)
+            self._fd = None
+            raise ValueError(f'the run folder {folder!r} is in use by another training process (pid {holder}): '
+                             f'wait for it to end, or give another --experiment / --output') from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f'{os.getpid()}\n'.encode(), 0)
+
+    def release(self, remove_folder: bool = False) -> None:
+        """Unlock; with ``remove_folder``, a folder this lock made and nothing else wrote to goes too."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        if remove_folder and self.created and os.listdir(self.folder) == [LOCK_NAME]:
+            os.remove(self.path)
+            os.rmdir(self.folder)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build
 from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
 from .loading import check_model_name, load_weights
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
+from .runs import EPOCH_RECORD, RunFolderLock, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
     write_atomic, write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
@@ -498,6 +498,7 @@ def _check_resume(args, output_dir: str, in_place: bool) -> int:
     meta = _read_training_checkpoint(args)
     _check_same_experiment(args)
     if in_place:
+        _check_run_record(output_dir, meta['epoch'])
         _check_no_later_epochs(args.resume, meta['epoch'], output_dir)
         if args.start_epoch is not None:
             raise ValueError(f"--start-epoch with --resume in the run's own folder would repeat or skip log rows: "
@@ -506,6 +507,16 @@ def _check_resume(args, output_dir: str, in_place: bool) -> int:
     if args.start_epoch is not None:
         return args.start_epoch
     return epochs_done(meta)
+
+
+def _check_run_record(output_dir: str, epoch: int) -> None:
+    """A run continued in its folder keeps its record: without args.yaml the run's arguments (and so the checks
+    above) are gone, without summary.csv the rows of its epochs; neither is made up from this command."""
+    missing = [n for n in ('args.yaml', 'summary.csv') if not os.path.isfile(os.path.join(output_dir, n))]
+    if missing:
+        raise ValueError(f'the run folder {output_dir!r} has lost its {" and ".join(missing)}: the record of epochs '
+                         f'0-{epoch} cannot be continued there; restore {"them" if len(missing) > 1 else "it"}, or '
+                         f'continue the checkpoint in a new folder with --experiment NAME')
 
 
 def _read_training_checkpoint(args) -> Dict[str, Any]:
@@ -701,6 +712,7 @@ class _Training:
     mixup_fn: Any
     loaders: Any
     dtype: Optional[torch.dtype] = None  # autocast (training_dtype); None: float32
+    lock: Optional[RunFolderLock] = None  # the primary process's hold on output_dir
     lr_scheduler: Any = None
     num_epochs: int = 0
     start_epoch: int = 0
@@ -711,10 +723,27 @@ class _Training:
 def run_training(args: argparse.Namespace) -> Dict[str, Any]:
     """Train as ``args`` (from ``parse_train_args`` or ``make_train_args``) says; returns the final results."""
     run = _prepare(args)
-    _schedule(run)
-    _open_run_folder(run)
-    eval_metrics = _train_epochs(run)
-    return _finish(run, eval_metrics)
+    try:
+        _schedule(run)
+        _open_run_folder(run)
+        eval_metrics = _train_epochs(run)
+        return _finish(run, eval_metrics)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _lock_output_dir(args, output_dir: str) -> RunFolderLock:
+    """The run folder, checked and held for this process: a reused folder is an error, not an overwrite, and
+    a folder another run is writing is an error, not a second writer. Before any work."""
+    check_output_dir(args, output_dir)  # first: a refused folder is not made
+    lock = RunFolderLock(output_dir)
+    try:
+        check_output_dir(args, output_dir)  # again, held: another run may have written there meanwhile
+        return lock
+    except BaseException:
+        lock.release(remove_folder=True)
+        raise
 
 
 def _prepare(args: argparse.Namespace) -> _Training:
@@ -724,31 +753,35 @@ def _prepare(args: argparse.Namespace) -> _Training:
     from timm.utils import NativeScaler
     device = _setup(args)
     output_dir = _output_dir(args)
-    if args.primary:
-        check_output_dir(args, output_dir)  # before any work: a reused folder is an error, not an overwrite
-    model, data_config = build_model(args, device)
-    check_start(args, output_dir)  # after the model (it resolves --num-classes), before the loaders
-    mixup_fn, train_loss_fn = _losses_and_mixup(args)
-    task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    dtype, precision = training_dtype(device, args.amp, args.amp_dtype)
-    if args.primary:
-        _logger.info(precision)
-    loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
-    loaders = _build_loaders(args, data_config, device)
-    check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay)
-    run = _Training(args=args, device=device, output_dir=output_dir, model=model, task=task, optimizer=optimizer,
-                    loss_scaler=loss_scaler, mixup_fn=mixup_fn, loaders=loaders, dtype=dtype)
-    run.start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
-    if args.start_epoch is not None:
-        run.start_epoch = args.start_epoch
-    if args.torchcompile:
-        compile_blocks(model, backend=args.torchcompile)
-    if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
-    return run
+    lock = _lock_output_dir(args, output_dir) if args.primary else None
+    try:
+        model, data_config = build_model(args, device)
+        check_start(args, output_dir)  # after the model (it resolves --num-classes), before the loaders
+        mixup_fn, train_loss_fn = _losses_and_mixup(args)
+        task = ClassificationTask(model=model, criterion=train_loss_fn, device=device, verbose=args.primary)
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+        dtype, precision = training_dtype(device, args.amp, args.amp_dtype)
+        if args.primary:
+            _logger.info(precision)
+        loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+        loaders = _build_loaders(args, data_config, device)
+        check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
+        if args.model_ema:
+            task.setup_ema(decay=args.model_ema_decay)
+        run = _Training(args=args, device=device, output_dir=output_dir, model=model, task=task, optimizer=optimizer,
+                        loss_scaler=loss_scaler, mixup_fn=mixup_fn, loaders=loaders, dtype=dtype, lock=lock)
+        run.start_epoch = _resume(args, task, optimizer, loss_scaler) if args.resume else 0
+        if args.start_epoch is not None:
+            run.start_epoch = args.start_epoch
+        if args.torchcompile:
+            compile_blocks(model, backend=args.torchcompile)
+        if args.distributed:
+            task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+        return run
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_folder=True)  # a run that never started leaves no folder it made
+        raise
 
 
 def _schedule(run: _Training) -> None:

@@ -343,3 +343,68 @@ def test_a_local_file_named_like_a_recipe_is_not_silently_the_recipe(tmp_path, m
         resolve_recipe('smoke_sd')
     assert resolve_recipe('./smoke_sd') == './smoke_sd'
     assert resolve_recipe('smoke_sd.yaml') == os.path.join(RECIPES_DIR, 'smoke_sd.yaml')  # no such file here
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+
+def test_run_folder_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from sd_zoo.runs import LOCK_NAME, RunFolderLock
+    folder = tmp_path / 'run'
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from sd_zoo.runs import RunFolderLock; '
+                               f'RunFolderLock({str(folder)!r}); print("held", flush=True); time.sleep(300)'],
+                              stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(ValueError, match=rf'in use by another training process \(pid {holder.pid}\)'):
+            RunFolderLock(str(folder))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert (folder / LOCK_NAME).exists()  # the file stays behind a kill; the lock does not
+    RunFolderLock(str(folder)).release()
+
+
+def test_a_second_writer_of_a_training_run_is_refused(image_folder: Path, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / 'busy'
+    argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--epochs', '400', '--sched',
+                  'step', '--decay-epochs', '1000')
+    argv_new = argv + ['--experiment', 'busy']
+    first = subprocess.Popen([sys.executable, '-m', 'sd_zoo.cli', *argv_new], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=str(tmp_path), env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        deadline = time.time() + 240
+        while not (run / 'last.pth.tar').exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (run / 'last.pth.tar').exists(), 'the first run never saved an epoch'
+        for second in (argv + ['--resume', str(run / 'last.pth.tar')],  # a second --resume of the same run
+                       argv_new):  # the same command again: a second new run into the same folder
+            assert main(second) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and (f'is in use by another training process (pid {first.pid})' in err[0]
+                                      or 'already holds a run' in err[0]), err
+        assert first.poll() is None, 'the first run was disturbed'
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    epochs = [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()[1:]]
+    assert epochs == [str(i) for i in range(len(epochs))]  # one writer: no epoch twice
+
+
+@pytest.mark.parametrize('lost', ['summary.csv', 'args.yaml'])
+def test_a_resume_whose_record_was_deleted_is_refused(lost, image_folder: Path, tmp_path, capsys):
+    argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--sched', 'step',
+                  '--decay-epochs', '100')
+    assert main(argv + ['--experiment', 'r']) == 0  # one epoch
+    (tmp_path / 'r' / lost).unlink()
+    capsys.readouterr()
+    assert main(argv + ['--epochs', '3', '--resume', str(tmp_path / 'r' / 'last.pth.tar')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'has lost its {lost}' in err[0], err
