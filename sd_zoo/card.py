@@ -31,7 +31,7 @@ CITATION = """@inproceedings{huang2016deep,
 }"""
 RECIPE_KEYS = ('epochs', 'batch_size', 'opt', 'lr', 'momentum', 'weight_decay', 'sched', 'decay_milestones',
                'decay_epochs', 'decay_rate', 'min_lr', 'warmup_epochs', 'warmup_lr', 'smoothing', 'model_ema',
-               'model_ema_decay', 'cifar_aug', 'val_holdout', 'seed')
+               'model_ema_decay', 'cifar_aug', 'amp', 'val_holdout', 'seed')
 # timm's args.yaml holds every default: these keys only mean something to some schedules
 # (timm's create_scheduler_v2: poly reads decay_rate as its power, wsd/rsqrt decay_epochs as the decay phase)
 _SCHEDULE_KEYS = {'decay_milestones': ('multistep',), 'decay_epochs': ('step', 'wsd', 'rsqrt'),

@@ -209,6 +209,20 @@ def check_same_classes(reference: Sequence[str], other: Sequence[str], what: str
                          f'match')
 
 
+def label_map_by_name(label_names: Sequence[str], classes: Sequence[str], what: str) -> Optional[List[int]]:
+    """The model's label of each class of a split, matched by name (weights that carry their label names): None
+    where they are the same list; a split with fewer classes or another order maps; a class the weights do
+    not know is an error that lists the difference."""
+    if list(classes) == list(label_names):
+        return None
+    unknown = [c for c in classes if c not in label_names]
+    if unknown:
+        raise ValueError(f'{what} has classes the weights do not know: {", ".join(unknown[:8])}'
+                         f'{" ..." if len(unknown) > 8 else ""} (the weights\' classes: {", ".join(label_names[:12])}'
+                         f'{" ..." if len(label_names) > 12 else ""}): evaluate on a split of the same classes')
+    return [list(label_names).index(c) for c in classes]
+
+
 def check_class_count(classes: Sequence[str], num_classes: Optional[int], what: str) -> None:
     """A label must index one of the model's outputs: data with more classes than the model has outputs is an
     error (cross-entropy would fail mid-run, or accuracy be wrong), fewer is fine."""
@@ -225,16 +239,18 @@ def random_indices(n: int, k: int, seed: int) -> List[int]:
 
 
 class Subset(torch.utils.data.Dataset):
-    """A subset of a data set with its own transform (a held-out split needs the eval transform)."""
+    """A subset of a data set with its own transform (a held-out split needs the eval transform) and, where
+    given, its labels mapped to the model's (``label_map[folder label]``)."""
 
-    def __init__(self, dataset, indices: Sequence[int], transform=None):
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+    def __init__(self, dataset, indices: Sequence[int], transform=None, label_map: Optional[List[int]] = None):
+        self.dataset, self.indices, self.transform, self.label_map = dataset, list(indices), transform, label_map
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         img, target = self.dataset[self.indices[i]]
+        target = self.label_map[target] if self.label_map is not None else target
         return (self.transform(img) if self.transform is not None else img), target
 
 
@@ -662,19 +678,26 @@ def _checked(data, train_classes: Sequence[str], split: str):
 
 def build_eval_loader(source: DataSource, split: str, *, data_config: Dict[str, Any], batch_size: int,
                       loader: str = 'auto', subset: int = 0, seed: int = 0, workers: int = 4,
-                      device: torch.device = torch.device('cpu'), num_classes: Optional[int] = None):
+                      device: torch.device = torch.device('cpu'), num_classes: Optional[int] = None,
+                      label_names: Optional[Sequence[str]] = None):
     """One split for evaluation (``sd-zoo validate``), either path; returns (loader, number of images).
-    ``num_classes``: the model's outputs, which the split's classes must not outnumber."""
+    ``num_classes``: the model's outputs, which the split's classes must not outnumber. ``label_names``: the
+    weights' classes, where they carry them: the split's labels are then matched to them by name."""
     kind = choose_loader(loader, data_config=data_config, aug=Augmentation(no_aug=True))
     data = _decode_or_fallback(source, split, loader=loader, data_config=data_config, workers=workers) \
         if kind == 'memory' else None
+    classes = data.classes if data is not None else None
+    raw = read_split(source, split) if data is None else None
+    classes = classes if raw is None else raw.classes
+    label_map = label_map_by_name(label_names, classes, source.describe(split)) if label_names else None
+    if label_map is None:
+        check_class_count(classes, num_classes, source.describe(split))
     if data is not None:
-        check_class_count(data.classes, num_classes, source.describe(split))
         data = data.subset(random_indices(len(data), subset, seed))
+        if label_map is not None:
+            data = DecodedImages(data.images, torch.as_tensor(label_map, dtype=torch.long)[data.labels], classes)
         return TensorLoader(data, batch_size=batch_size, mean=data_config['mean'], std=data_config['std'],
                             device=device, training=False), len(data)
     _, eval_tf = build_transforms(data_config)
-    raw = read_split(source, split)
-    check_class_count(raw.classes, num_classes, source.describe(split))
-    ds = Subset(raw, random_indices(len(raw), subset, seed), eval_tf)
+    ds = Subset(raw, random_indices(len(raw), subset, seed), eval_tf, label_map)
     return timm_loader(ds, batch_size=batch_size, training=False, workers=workers), len(ds)

@@ -85,7 +85,8 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
                         img_mode=image_mode(data_config))
     data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,
                                          loader=loader, subset=subset, seed=seed, workers=workers, device=dev,
-                                         num_classes=net.num_classes)
+                                         num_classes=net.num_classes,
+                                         label_names=net.pretrained_cfg.get('label_names') if not checkpoint else None)
     start = time.perf_counter()
     metrics = evaluate(net, data, dev, dtype=autocast_dtype(dev, amp, amp_dtype), channels_last=channels_last)
     results = dict(model=model, checkpoint=checkpoint or None, split=split, images=num_images,

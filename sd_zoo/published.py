@@ -62,7 +62,8 @@ PRETRAINED_CFG: Dict[str, Callable[[Any], bool]] = dict(
     mean=_list_of(_number(-1e3, 1e3)), std=_list_of(_number(1e-6, 1e3)), num_classes=_int(1),
     pool_size=_list_of(_int(1), 2), first_conv=_choice(('conv1',)), classifier=_choice(('fc',)),
     custom_load=lambda v: v is False, license=_text, paper_name=_text, paper_ids=_text, tag=_text,
-    notes=_text, description=_text, origin_url=_text)
+    notes=_text, description=_text, origin_url=_text, label_names=_list_of(_text),
+    label_descriptions=lambda v: isinstance(v, dict))
 IGNORED_CFG = ('hf_hub_id',)
 TOP_LEVEL: Dict[str, Callable[[Any], bool]] = dict(
     architecture=_text, num_classes=_int(1), num_features=_int(1), global_pool=_choice(POOL_TYPES),
@@ -124,9 +125,10 @@ def check_published_config(config: Any, where: str) -> PublishedConfig:
                              f'{in_chans} input channels')
     classes = [n for n in (config.get('num_classes'), model_args.get('num_classes'), cfg.get('num_classes'))
                if n is not None]
-    labels = config.get('label_names')
-    if labels is not None:
-        classes.append(len(labels))
+    labels = config.get('label_names', cfg.get('label_names'))
+    for names in (config.get('label_names'), cfg.get('label_names')):
+        if names is not None:
+            classes.append(len(names))
     if len(set(classes)) > 1:
         raise ValueError(f'{where!r}: config.json gives different class counts ({", ".join(map(str, classes))}) '
                          f'in num_classes, model_args, pretrained_cfg and label_names')

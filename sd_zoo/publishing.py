@@ -16,14 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
+from .models.sd_resnet_cifar import CIFAR10_CLASSES
 from .runs import Run, build_run_model, epochs_done, read_csv, resolve_run, training_times
 
-CIFAR10_LABELS = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png', 'survival_schedule.png')
 # run settings that do not change the recipe: where and how it ran, not what it trained
 _NON_RECIPE_ARGS = {'drop_path', 'experiment', 'output', 'resume', 'data_dir', 'workers', 'no_progress',
@@ -48,7 +48,10 @@ def build_publish_parser() -> argparse.ArgumentParser:
     p.add_argument('--tag', default=None,
                    help=f'the data set the run trained on ({", ".join(DATASET_CLASSES)}; default: from --model or '
                         f'the run; none named when nothing says)')
-    p.add_argument('--out', default=None, help='stage here (default: a temporary folder, kept on failure)')
+    p.add_argument('--out', default=None, help='stage here (default: a temporary folder, kept on failure); an '
+                                                'earlier staging of the same run there is replaced')
+    p.add_argument('--overwrite', action='store_true', default=False,
+                   help='--out may hold a staging of another run or checkpoint, which is replaced')
     p.add_argument('--dry-run', action='store_true', default=False, help='stage only, push nothing (no token)')
     p.add_argument('--data-dir', default=None, help='validate the exported files on this dataset for the card')
     p.add_argument('--dataset', default='', help="'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn")
@@ -100,6 +103,7 @@ class Plan:
     baseline: Optional[Weights] = None
     data_note: str = ''
     train_note: str = ''
+    overwrite: bool = False  # --out may hold another staging, which is replaced
 
     @property
     def arch(self) -> str:
@@ -109,20 +113,20 @@ class Plan:
 def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = None, which: str = 'last',
                      use_ema: bool = False, tag: Optional[str] = None, out_dir: Optional[str] = None,
                      data: EvalData = EvalData(), baseline: Optional[str] = None, data_note: str = '',
-                     train_note: str = '') -> Plan:
+                     train_note: str = '', overwrite: bool = False) -> Plan:
     """Every check of a publication, before any file is written: a bad input leaves ``out_dir`` untouched."""
     weights = run_weights(resolve_run(source, which), model_name, use_ema)
     check_selection(weights.run, data, '--checkpoint best')  # metadata only: before any data is read
     tag = dataset_tag(weights.model, weights.run.args, model_name, tag)
     if out_dir:
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, staging_source(weights.run), overwrite)
     twin = check_baseline(weights, baseline, which, use_ema) if baseline else None
     if twin:
         check_selection(twin.run, data, f'--baseline {baseline!r}')
     if data:
         check_data(data, weights)
     return Plan(repo_id=repo_id, weights=weights, tag=tag, use_ema=use_ema, data=data, baseline=twin,
-                data_note=data_note, train_note=train_note)
+                data_note=data_note, train_note=train_note, overwrite=overwrite)
 
 
 def run_weights(run: Run, model_name: Optional[str], use_ema: bool) -> Weights:
@@ -188,28 +192,68 @@ def _checked_tag(tag: str, where: str, num_classes: int) -> str:
     return tag
 
 
-def check_out_dir(out_dir: str) -> None:
-    """An empty or new folder, or an earlier staging by sd-zoo. Anything else in it is the user's, even under
-    a name sd-zoo stages (a README.md of their own): refuse rather than delete it."""
+STAGING_MARKER = '.sd-zoo-staging.json'  # which run and checkpoint a staging came from; never pushed
+
+
+def staging_source(run: Run) -> Dict[str, str]:
+    """What a staging's marker records: the run folder (its name, and a digest of its full path, which the
+    marker does not spell out) and the checkpoint."""
+    import hashlib
+    folder = os.path.realpath(run.run_dir)
+    return dict(run=os.path.basename(folder), run_digest=hashlib.sha256(folder.encode()).hexdigest()[:16],
+                checkpoint=run.checkpoint.name)
+
+
+def check_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwrite: bool = False) -> None:
+    """An empty or new folder, or an earlier staging of the same run (its marker says so); another staging
+    only with ``overwrite``. Anything else in it is the user's, even under a name sd-zoo stages (a README.md
+    of their own): refuse rather than delete it. Links are never followed nor replaced."""
     out = Path(out_dir)
+    if out.is_symlink():
+        raise ValueError(f'--out {out_dir!r} is a symbolic link: give the folder itself')
     if out.exists() and not out.is_dir():
         raise ValueError(f'--out {out_dir!r} is a file, not a folder')
-    if out.is_dir() and any(out.iterdir()):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in STAGED_FILES)
-        if foreign or not _is_earlier_staging(out):
-            shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
-            raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
-                             f'new folder')
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    links = sorted(p.name for p in out.iterdir() if p.is_symlink())
+    if links:
+        raise ValueError(f'--out {out_dir!r} holds symbolic links ({", ".join(links[:5])}), as a Hub cache does: '
+                         f'give an empty or new folder')
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in STAGED_FILES + (STAGING_MARKER,))
+    if foreign or not _is_earlier_staging(out):
+        shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
+        raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
+                         f'new folder')
+    earlier = _staging_marker(out)
+    if not overwrite and (source is None or earlier != source):
+        whose = f'run {earlier["run"]!r}, {earlier["checkpoint"]}' if earlier else 'unknown origin'
+        raise ValueError(f'--out {out_dir!r} holds another staging (of {whose}): add --overwrite to replace it, '
+                         f'or give an empty or new folder')
 
 
-def prepare_out_dir(out_dir: str) -> Path:
-    """The checked ``--out`` folder, emptied of an earlier staging's files (only those), created if new."""
-    check_out_dir(out_dir)
+def _staging_marker(out: Path) -> Optional[Dict[str, str]]:
+    import json
+    try:
+        marker = json.loads((out / STAGING_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ('run', 'run_digest', 'checkpoint')
+    return {k: marker[k] for k in keys} if isinstance(marker, dict) and all(
+        isinstance(marker.get(k), str) for k in keys) else None
+
+
+def prepare_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwrite: bool = False) -> Path:
+    """The checked ``--out`` folder, emptied of an earlier staging's files (only those), created if new, and
+    marked with ``source``."""
+    import json
+    check_out_dir(out_dir, source, overwrite)
     out = Path(out_dir)
     if out.is_dir():
         for p in out.iterdir():
-            p.unlink()  # an earlier staging's files only (checked above)
+            p.unlink()  # an earlier staging's files only, none a link (checked above)
     out.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        (out / STAGING_MARKER).write_text(json.dumps(source))
     return out
 
 
@@ -326,20 +370,36 @@ def finished_epochs(run: Run) -> Optional[int]:
 
 
 def save_weights(model: torch.nn.Module, folder: Path, repo_id: str, tag: Optional[str],
-                 input_config: Dict[str, Any]) -> None:
+                 input_config: Dict[str, Any], label_names: Optional[Sequence[str]] = None) -> None:
     """model.safetensors and config.json in timm's format, with the input the weights were trained on; the
-    config names a data set (tag, label names) only when it is known."""
+    config names a data set (tag) and the classes of the outputs (label names) only when they are known."""
     from timm.models import save_for_hf
-    model.pretrained_cfg = {**{k: v for k, v in model.pretrained_cfg.items() if k != 'tag'},
+    model.pretrained_cfg = {**{k: v for k, v in model.pretrained_cfg.items() if k not in ('tag', 'label_names')},
                             **({'tag': tag} if tag else {})}
     pretrained_cfg = {k: input_config[k] for k in INPUT_KEYS if k in input_config}
     pretrained_cfg['hf_hub_id'] = repo_id
     model_config: Dict[str, Any] = dict(pretrained_cfg=pretrained_cfg)
-    if model.num_classes == 10 and tag == 'cifar10':
-        model_config['label_names'] = CIFAR10_LABELS
+    if label_names is not None and len(label_names) == model.num_classes:
+        model_config['label_names'] = list(label_names)
     save_for_hf(model, folder, model_config=model_config, model_args=sd_model_args(model), safe_serialization=True)
     # safetensors writes its file owner-only (0600): give it the mode of config.json (the user's umask)
     os.chmod(folder / 'model.safetensors', (folder / 'config.json').stat().st_mode & 0o777)
+
+
+def run_classes(run: Run, tag: Optional[str]) -> Optional[List[str]]:
+    """The classes of the run's outputs, in label order: its training folder's class folders (sorted as timm's
+    reader sorts them) where the folder is still there, torchvision's CIFAR-10 classes for a run on
+    torch/cifar10 or tagged cifar10 with no folder to read; None when nothing says."""
+    from timm.utils.misc import natural_key
+    args = run.args or {}
+    data_dir, split = args.get('data_dir'), args.get('train_split') or 'train'
+    folder = os.path.join(data_dir, split) if data_dir and not args.get('dataset') else None
+    if folder and os.path.isdir(folder):
+        return sorted((d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith('.')),
+                      key=natural_key)
+    if args.get('dataset') == 'torch/cifar10' or (tag == 'cifar10' and not folder):
+        return list(CIFAR10_CLASSES)
+    return None
 
 
 def _check_export(out: Path, model: torch.nn.Module) -> None:
@@ -368,7 +428,8 @@ def compare_with_baseline(plan: Plan) -> Dict[str, Any]:
     results = None
     if plan.data:
         with tempfile.TemporaryDirectory(prefix='sd-zoo-baseline-') as folder:
-            save_weights(plan.baseline.model, Path(folder), plan.repo_id, plan.tag, plan.baseline.input_config)
+            save_weights(plan.baseline.model, Path(folder), plan.repo_id, plan.tag, plan.baseline.input_config,
+                         run_classes(plan.baseline.run, plan.tag))
             results = _evaluate(Path(folder), plan.data)
     return dict(run_dir=str(base.run_dir), checkpoint=base.checkpoint.name, recipe_differs=differs,
                 results=results, times=training_times(base.run_dir))
@@ -377,8 +438,8 @@ def compare_with_baseline(plan: Plan) -> Dict[str, Any]:
 def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     """Write the Hub repository's files into ``out_dir`` and check that they reproduce the trained model."""
     model, run = plan.weights.model, plan.weights.run
-    out = prepare_out_dir(out_dir)
-    save_weights(model, out, plan.repo_id, plan.tag, plan.weights.input_config)
+    out = prepare_out_dir(out_dir, staging_source(run), plan.overwrite)
+    save_weights(model, out, plan.repo_id, plan.tag, plan.weights.input_config, run_classes(run, plan.tag))
     plots = ['training_curves.png'] if plot_curves(read_csv(run.run_dir / 'summary.csv'),
                                                    out / 'training_curves.png') else []
     plot_schedule(model, out / 'survival_schedule.png')
@@ -391,7 +452,7 @@ def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
                       data_note=plan.data_note, use_ema=plan.use_ema, comparison=comparison,
                       train_note=plan.train_note)
     (out / 'README.md').write_text(card)
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.name != STAGING_MARKER)
     if any(f.endswith(('.bin', '.pth', '.pt', '.pkl', '.tar')) for f in files):
         raise RuntimeError(f'pickle files in the staged repository: {files}')
     return dict(out_dir=str(out), files=files, results=results, architecture=plan.arch, tag=plan.tag,
@@ -442,7 +503,7 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-               for p in sorted(Path(staged_dir).iterdir()) if p.is_file()]
+               for p in sorted(Path(staged_dir).iterdir()) if p.is_file() and p.name != STAGING_MARKER]
         info = api.create_commit(repo_id, operations=ops, revision=revision,
                                  commit_message=commit_message or f'Publish {repo_id} with sd-zoo')
     return info.commit_url
@@ -463,7 +524,7 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
             data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False, split: str = 'test',
             data_note: str = '', baseline: Optional[str] = None, train_note: str = '', private: bool = False,
             revision: Optional[str] = None, commit_message: Optional[str] = None,
-            token: Optional[str] = None) -> Dict[str, Any]:
+            token: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Check every input, stage a run or checkpoint as a Hub repository (``out``, else a new temporary folder,
     removed after a successful push) and push it in one commit (not with ``dry_run``). A failed push leaves
     the staged folder as it was."""
@@ -472,7 +533,7 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
     _check_repo_id(repo_id)
     plan = plan_publication(source, repo_id=repo_id, model_name=model, which=checkpoint, use_ema=ema, tag=tag,
                             out_dir=out, data=EvalData(data_dir, dataset, dataset_download, split),
-                            baseline=baseline, data_note=data_note, train_note=train_note)
+                            baseline=baseline, data_note=data_note, train_note=train_note, overwrite=overwrite)
     if private and not dry_run:
         check_private_target(repo_id, token)
     out_dir = out or tempfile.mkdtemp(prefix='sd-zoo-publish-')

@@ -34,6 +34,7 @@ from .data import DATASET_CHOICES_HELP, LOADERS, Augmentation, DataSource, build
     TORCH_DATASETS, image_mode, resolve_data_config, set_loader_epoch
 from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
 from .loading import check_model_name, load_weights
+from .models.sd_resnet_cifar import arch_depth
 from .recipes import resolve_recipe
 from .runs import EPOCH_RECORD, RunFolderLock, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
     write_atomic, write_epoch_record
@@ -117,8 +118,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--patience-epochs', type=int, default=10)
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
     g = p.add_argument_group('augmentation and regularization')
-    g.add_argument('--cifar-aug', action='store_true', default=False,
-                   help='4-pixel pad + random 32x32 crop + horizontal flip (the paper) instead of timm\'s transform')
+    g.add_argument('--cifar-aug', action=argparse.BooleanOptionalAction, default=None,
+                   help='4-pixel pad + random 32x32 crop + horizontal flip (the paper) instead of timm\'s transform '
+                        '(default: on for the CIFAR-family models, off for the others)')
     g.add_argument('--no-aug', action='store_true', default=False)
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='RandomResizedCrop scale (timm aug)')
@@ -412,14 +414,27 @@ def _losses_and_mixup(args):
     return None, nn.CrossEntropyLoss()
 
 
-def _build_loaders(args, data_config, device):
+def _augmentation(args, model: nn.Module) -> Augmentation:
+    """The training augmentation; without --cifar-aug / --no-cifar-aug, the model family's: the paper's pad + crop
+    + flip for a CIFAR model (timm's RandomResizedCrop at scale 0.08 would crop most of a 32-pixel image away),
+    timm's transform for the others. The log says which."""
+    family_cifar = arch_depth(model.pretrained_cfg.get('architecture', '')) is not None
+    cifar_aug = family_cifar if args.cifar_aug is None else args.cifar_aug
+    aug = Augmentation(cifar_aug=cifar_aug, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale),
+                       ratio=tuple(args.ratio))
+    if args.primary and aug.kind == 'cifar':
+        why = f'{args.model} is a CIFAR model; --no-cifar-aug for timm\'s transform' if args.cifar_aug is None \
+            else '--cifar-aug'
+        _logger.info(f'augmentation: 4-pixel pad + random crop + flip ({why}); --scale/--ratio are for timm\'s '
+                     f'transform (train.py) and are not used')
+    elif args.primary and aug.kind == 'timm':
+        _logger.info(f'augmentation: timm\'s RandomResizedCrop (scale {aug.scale}, ratio {aug.ratio}) + flip')
+    return aug
+
+
+def _build_loaders(args, data_config, device, aug: Augmentation):
     img_mode = args.input_img_mode or image_mode(data_config)
     source = DataSource(dataset=args.dataset, root=args.data_dir, download=args.dataset_download, img_mode=img_mode)
-    aug = Augmentation(cifar_aug=args.cifar_aug, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale),
-                       ratio=tuple(args.ratio))
-    if aug.kind == 'cifar' and args.primary:
-        _logger.info('--cifar-aug: 4-pixel pad + random crop + flip; --scale/--ratio are for timm\'s transform '
-                     '(train.py) and are not used')
     return build_loaders(
         source, data_config=data_config, train_split=args.train_split, val_split=args.val_split,
         test_split=test_split_of(vars(args)), batch_size=args.batch_size,
@@ -764,7 +779,7 @@ def _prepare(args: argparse.Namespace) -> _Training:
         if args.primary:
             _logger.info(precision)
         loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
-        loaders = _build_loaders(args, data_config, device)
+        loaders = _build_loaders(args, data_config, device, _augmentation(args, model))
         check_class_count(loaders.classes, args.num_classes, f'the training split {args.train_split!r}')
         if args.model_ema:
             task.setup_ema(decay=args.model_ema_decay)

@@ -408,3 +408,130 @@ def test_a_resume_whose_record_was_deleted_is_refused(lost, image_folder: Path, 
     assert main(argv + ['--epochs', '3', '--resume', str(tmp_path / 'r' / 'last.pth.tar')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f'has lost its {lost}' in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def _cifar_like(root: Path, classes, per_class: int = 20) -> Path:
+    """A test split of real CIFAR-10 images (the shipped weights' own test images) under the given folder names:
+    ``classes`` maps a folder name to the CIFAR-10 class whose images it holds."""
+    from conftest import SHARED_CIFAR10, extract_cifar10
+    if not SHARED_CIFAR10.exists():
+        pytest.skip(f'the shared CIFAR-10 archive is absent ({SHARED_CIFAR10})')
+    source = extract_cifar10() / 'test'
+    for folder, cifar_class in classes.items():
+        (root / 'test' / folder).mkdir(parents=True)
+        for image in sorted((source / cifar_class).iterdir())[:per_class]:
+            (root / 'test' / folder / image.name).write_bytes(image.read_bytes())
+    return root
+
+
+def _top1(root: Path, model: str = 'sd_resnet20.cifar10') -> float:
+    import sd_zoo
+    return sd_zoo.validate(model, pretrained=not model.startswith('local-dir:'), data_dir=str(root), split='test',
+                           workers=0, quiet=True)['top1']
+
+
+CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def test_labels_are_matched_by_name(tmp_path):
+    """Fewer classes, or the same classes under folder names in another sort order, evaluate on their own
+    labels: the same accuracy as the full, ordered split's images of those classes."""
+    full = _top1(_cifar_like(tmp_path / 'full', {c: c for c in CIFAR10}))
+    assert full > 70  # the shipped weights on 200 of their test images
+    three = _top1(_cifar_like(tmp_path / 'three', {c: c for c in ('cat', 'ship', 'truck')}))
+    assert three > 60, three  # by position, cat/ship/truck would be scored as airplane/automobile/bird: ~0%
+    shipped = __import__('sd_zoo').shipped_weights_dir('sd_resnet20.cifar10')
+    assert _top1(tmp_path / 'three', f'local-dir:{shipped}') == three  # published folders carry the names too
+
+
+@pytest.mark.parametrize('rename', [{'airplane': 'plane'}, {'truck': 'lorry', 'cat': 'kitten'}])
+def test_a_class_the_weights_do_not_know_is_an_error(rename, tmp_path):
+    root = _cifar_like(tmp_path / 'renamed', {rename.get(c, c): c for c in CIFAR10}, per_class=2)
+    with pytest.raises(ValueError, match='has classes the weights do not know: ' + ', '.join(sorted(rename.values()))):
+        _top1(root)
+
+
+# ---------------------------------------------------------------------------------------------- publish --out
+
+
+@pytest.fixture(scope='module')
+def two_runs(image_folder: Path, tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    for name in ('a', 'b'):
+        assert main(_train(image_folder, '--val-split', 'test', '--output', str(out), '--experiment', name,
+                           '--sched', 'step', '--decay-epochs', '100')) == 0
+    return out / 'a', out / 'b'
+
+
+def _publish(run: Path, out: Path, *extra: str):
+    return ['publish', str(run), '--repo-id', 'org/x', '--dry-run', '--out', str(out), *extra]
+
+
+def test_publish_replaces_only_a_staging_of_the_same_run(two_runs, tmp_path, capsys):
+    from sd_zoo.publishing import STAGING_MARKER
+    run_a, run_b = two_runs
+    out = tmp_path / 'staged'
+    assert main(_publish(run_a, out)) == 0
+    first = (out / 'model.safetensors').read_bytes()
+    # the outputs' classes are the run's training classes, not the architecture's default data set's
+    assert json.loads((out / 'config.json').read_text())['label_names'] == [f'class{i}' for i in range(10)]
+    assert main(_publish(run_a, out)) == 0  # the same run again: its own staging is replaced
+    capsys.readouterr()
+    assert main(_publish(run_b, out)) == 2  # another run: refused, the staging kept
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another staging (of run 'a', last.pth.tar): add --overwrite" in err[0], err
+    assert (out / 'model.safetensors').read_bytes() == first
+    assert main(_publish(run_b, out, '--overwrite')) == 0
+    assert json.loads((out / STAGING_MARKER).read_text())['run'] == 'b'
+    assert str(run_b) not in (out / STAGING_MARKER).read_text()  # the marker names the run, not its full path
+
+
+def test_publish_never_replaces_a_copy_of_published_weights(two_runs, published: Path, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / 'copy'
+    shutil.copytree(published, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert main(_publish(two_runs[0], copy)) == 2
+    assert 'holds another staging (of unknown origin)' in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_publish_never_follows_or_replaces_links(two_runs, published: Path, tmp_path, capsys):
+    cache = tmp_path / 'hub_cache_snapshot'  # laid out like the Hub cache: links to blobs
+    blobs = tmp_path / 'blobs'
+    blobs.mkdir()
+    cache.mkdir()
+    for f in published.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (cache / f.name).symlink_to(blobs / f.name)
+    loop = tmp_path / 'loop'
+    loop.symlink_to(loop)
+    linked = tmp_path / 'linked'
+    linked.symlink_to(tmp_path / 'elsewhere')
+    for out, message in ((cache, 'holds symbolic links'), (loop, 'is a symbolic link'),
+                         (linked, 'is a symbolic link')):
+        assert main(_publish(two_runs[0], out, '--overwrite')) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert all((cache / f.name).is_symlink() for f in published.iterdir())
+    assert not (tmp_path / 'elsewhere').exists()
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+@pytest.mark.parametrize('extra,expected', [((), "pad + random crop + flip (sd_resnet20 is a CIFAR model"),
+                                            (('--no-cifar-aug',), "timm's RandomResizedCrop"),
+                                            (('--cifar-aug',), 'pad + random crop + flip (--cifar-aug)')])
+def test_a_cifar_model_trains_with_its_family_augmentation(extra, expected, image_folder: Path, tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger='sd_zoo')
+    assert main(_train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--experiment', 'aug',
+                       '--sched', 'step', '--decay-epochs', '100', *extra)) == 0
+    lines = [m for m in caplog.messages if m.startswith('augmentation:')]
+    assert len(lines) == 1 and expected in lines[0], lines
+    loader = [m for m in caplog.messages if 'train /' in m and 'loader' in m]
+    assert ('(memory loader)' in loader[0]) == ('timm' not in expected), loader  # the in-memory path with it

@@ -268,9 +268,12 @@ def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
     with pytest.raises(ValueError, match=r"holds files that sd-zoo did not stage \(README.md\)"):
         prepare_out_dir(str(own))
     assert (own / 'README.md').read_text() == 'my notes'
-    # an earlier staging (config.json naming an sd-zoo architecture) is replaced
+    # an earlier staging (config.json naming an sd-zoo architecture) is replaced with --overwrite only: its
+    # origin is unknown (no marker)
     (own / 'config.json').write_text(json.dumps({'architecture': 'sd_resnet20'}))
-    assert prepare_out_dir(str(own)) == own and not any(own.iterdir())
+    with pytest.raises(ValueError, match=r'holds another staging \(of unknown origin\): add --overwrite'):
+        prepare_out_dir(str(own))
+    assert prepare_out_dir(str(own), overwrite=True) == own and not any(own.iterdir())
 
 
 def _train(data, out, name, *extra):

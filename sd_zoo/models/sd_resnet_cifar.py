@@ -322,8 +322,12 @@ def _cfg(num_classes: int, mean: Tuple[float, ...], std: Tuple[float, ...], **kw
     }
 
 
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
 def _cifar10_cfg(**kwargs) -> Dict[str, Any]:
-    return _cfg(10, CIFAR10_MEAN, CIFAR10_STD, **kwargs)
+    # the class names, so that an evaluation matches a data set's classes to the outputs by name
+    return _cfg(10, CIFAR10_MEAN, CIFAR10_STD, label_names=CIFAR10_CLASSES, **kwargs)
 
 
 def _cifar100_cfg(**kwargs) -> Dict[str, Any]:
