@@ -30,7 +30,7 @@ TORCH_DATASETS = ('torch/cifar10', 'torch/cifar100', 'torch/svhn')
 DATASET_CHOICES_HELP = "'' (image folder), torch/cifar10, torch/cifar100 or torch/svhn"
 LOADERS = ('auto', 'memory', 'timm')
 MAX_DECODED_BYTES = 8 << 30  # the in-memory loader takes data sets up to this size (decoded uint8)
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: entries carry what they were made from (verified on use)
 
 
 @dataclass(frozen=True)
@@ -392,24 +392,65 @@ def decode_split(source: DataSource, split: str, *, max_bytes: int = MAX_DECODED
         return DecodedImages(images.contiguous(), labels, list(ds.classes))
     if size is not None and len(ds):  # the first image's header: no decoding (nor caching) of a folder to refuse
         _check_size(_header_size(ds.reader.samples[0][0]), size)
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     key = _folder_key(ds.reader.samples, ds.reader.root, ds.classes, source.img_mode)
     path = os.path.join(cache_dir(), f'{key}.safetensors')
     if use_cache and os.path.isfile(path):
         try:
-            tensors = load_file(path)
-            _logger.info(f'{source.describe(split)}: decoded images from the cache {path}')
-            return DecodedImages(tensors['images'], tensors['labels'], list(ds.classes))
+            with safe_open(path, 'pt') as f:
+                decoded = DecodedImages(f.get_tensor('images'), f.get_tensor('labels'), list(ds.classes))
+                meta = f.metadata() or {}
+            doubt = _cache_doubt(meta, decoded, ds, source.img_mode)
+            if doubt is None:
+                _logger.info(f'{source.describe(split)}: decoded images from the cache {path} (verified)')
+                return decoded
+            _logger.warning(f'the cache entry {path} {doubt}: decoding again')
         except Exception as e:  # a damaged cache file is decoded again, never trusted
             _logger.warning(f'ignoring the damaged cache file {path} ({type(e).__name__}); decoding again')
     _logger.info(f'{source.describe(split)}: decoding {len(ds)} images once into memory')
     decoded = _decode_folder(ds, max_bytes, workers, source.img_mode)
     if use_cache:
-        _write_cache(path, decoded, root=ds.reader.root, mode=source.img_mode)
+        _write_cache(path, decoded, root=ds.reader.root, mode=source.img_mode,
+                     files_digest=_files_digest(ds.reader.samples, ds.reader.root))
     return decoded
 
 
-def _write_cache(path: str, decoded: DecodedImages, *, root: str, mode: str) -> None:
+def _files_digest(samples: Sequence[Tuple[str, int]], root: str) -> str:
+    """A digest of every file's path, label and bytes: what a cache entry was decoded from (size and mtime can
+    be restored after a file is swapped; its bytes cannot)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, label in samples:
+        h.update(f'{os.path.relpath(path, root)}\0{label}\0'.encode())
+        with open(path, 'rb') as f:
+            h.update(hashlib.blake2b(f.read(), digest_size=16).digest())
+    return h.hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _cache_doubt(meta: Dict[str, str], decoded: DecodedImages, ds, mode: str) -> Optional[str]:
+    """Why a cache entry is not the decoding of this split as it is now, or None: it must carry this format,
+    this split's file digest (files swapped, or an entry copied from another split), exactly the labels the
+    folder gives (shifted labels), one image per file, and the digest of its own images (edited in place)."""
+    samples = ds.reader.samples
+    labels = torch.tensor([t for _, t in samples], dtype=torch.long)
+    if meta.get('format') != str(_CACHE_FORMAT):
+        return 'is of another format'
+    if decoded.images.dim() != 4 or decoded.images.dtype != torch.uint8 or len(decoded) != len(samples) or \
+            decoded.images.shape[1] != (1 if mode == 'L' else 3):
+        return f'holds {tuple(decoded.images.shape)} images for {len(samples)} files'
+    if not torch.equal(decoded.labels, labels):
+        return 'has labels that are not the folder\'s'
+    if meta.get('images_digest') != _tensor_digest(decoded.images):
+        return 'has images that are not the ones it was written with'
+    if meta.get('files_digest') != _files_digest(samples, ds.reader.root):
+        return 'was made from other files than this split\'s'
+    return None
+
+
+def _write_cache(path: str, decoded: DecodedImages, *, root: str, mode: str, files_digest: str) -> None:
     """The decoded split into the cache; a cache that cannot be written (read-only home, full disk, a
     partial file removed by sd-zoo cache --clear) costs the next run a decode, never this run."""
     from safetensors import SafetensorError
@@ -417,8 +458,11 @@ def _write_cache(path: str, decoded: DecodedImages, *, root: str, mode: str) -> 
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        counts = torch.bincount(decoded.labels, minlength=len(decoded.classes)).tolist()
         save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
-                  metadata={'root': os.path.abspath(root), 'classes': json.dumps(decoded.classes), 'mode': mode})
+                  metadata={'format': str(_CACHE_FORMAT), 'root': os.path.abspath(root),
+                            'classes': json.dumps(decoded.classes), 'mode': mode, 'label_counts': json.dumps(counts),
+                            'files_digest': files_digest, 'images_digest': _tensor_digest(decoded.images)})
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         _logger.warning(f'could not cache the decoded images at {path} ({type(e).__name__}: {e}); going on '
@@ -609,11 +653,19 @@ def build_loaders(source: DataSource, *, data_config: Dict[str, Any], train_spli
     check_distinct_splits(source, train_split, val_split=None if val_holdout else val_split, test_split=test_split)
     kind = choose_loader(loader, data_config=data_config, aug=aug)
     if kind == 'memory':
-        train_all = _decode_or_fallback(source, train_split, loader=loader, data_config=data_config,
-                                        workers=workers)
-        kind = 'timm' if train_all is None else kind
+        # every split at the model's input size, or none in memory: timm's loader would resize a validation
+        # split of another size, the in-memory one would not
+        decoded = {}
+        for split in dict.fromkeys([train_split, None if val_holdout else val_split, test_split]):
+            if split is not None:
+                decoded[split] = _decode_or_fallback(source, split, loader=loader, data_config=data_config,
+                                                     workers=workers)
+                if decoded[split] is None:
+                    kind = 'timm'
+                    break
     if kind == 'memory':
-        read = lambda split: _checked(decode_split(source, split, workers=workers), train_all.classes, split)  # noqa
+        train_all = decoded[train_split]
+        read = lambda split: _checked(decoded[split], train_all.classes, split)  # noqa: E731
         subset = lambda data, idx: data.subset(idx)  # noqa: E731
         n = len(train_all)
     else:

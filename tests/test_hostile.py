@@ -535,3 +535,105 @@ def test_a_cifar_model_trains_with_its_family_augmentation(extra, expected, imag
     assert len(lines) == 1 and expected in lines[0], lines
     loader = [m for m in caplog.messages if 'train /' in m and 'loader' in m]
     assert ('(memory loader)' in loader[0]) == ('timm' not in expected), loader  # the in-memory path with it
+
+
+# ---------------------------------------------------------------------------------------------- derived files
+
+
+def _raw_png_folder(root: Path, size: int = 32, splits=(('train', 3), ('test', 2)), test_size=None) -> Path:
+    """Uncompressed PNG images: a file's byte size depends on the image size only, so one can be swapped for
+    another of the same size."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(1)
+    for split, n in splits:
+        px = test_size if split == 'test' and test_size else size
+        for c in range(3):
+            (root / split / f'c{c}').mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = (torch.rand(px, px, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / f'c{c}' / f'{i}.png', compress_level=0)
+    return root
+
+
+def _decode(root: Path, split: str, caplog):
+    from sd_zoo.data import DataSource, decode_split
+    caplog.clear()
+    return decode_split(DataSource('', str(root)), split, workers=1)
+
+
+def _fresh(root: Path, split: str):
+    from sd_zoo.data import DataSource, decode_split
+    return decode_split(DataSource('', str(root)), split, workers=1, use_cache=False)
+
+
+def _entry(root: Path, split: str) -> Path:
+    from sd_zoo.data import cache_dir, folder_cache_key
+    return Path(cache_dir()) / f'{folder_cache_key(str(root / split))}.safetensors'
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch, caplog):
+    import logging
+    monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+    caplog.set_level(logging.INFO, logger='sd_zoo')
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_a_cache_entry_copied_from_another_split_is_not_used(tmp_path, private_cache, caplog):
+    root = _raw_png_folder(tmp_path / 'data', splits=(('train', 2), ('test', 2)))
+    _decode(root, 'train', caplog), _decode(root, 'test', caplog)
+    _entry(root, 'test').write_bytes(_entry(root, 'train').read_bytes())  # same count, shape and classes
+    got = _decode(root, 'test', caplog)
+    assert any('was made from other files than this split' in m for m in caplog.messages), caplog.messages
+    assert _same(got, _fresh(root, 'test'))
+
+
+def test_a_cache_entry_with_shifted_labels_or_edited_images_is_not_used(tmp_path, private_cache, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    root = _raw_png_folder(tmp_path / 'data')
+    _decode(root, 'train', caplog)
+    entry = _entry(root, 'train')
+    with safe_open(str(entry), 'pt') as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for edit, doubt in ((lambda t: t.update(labels=(t['labels'] + 1) % 3), 'labels that are not the folder'),
+                        (lambda t: t['images'][0].fill_(0), 'images that are not the ones it was written with')):
+        edited = {k: v.clone() for k, v in tensors.items()}
+        edit(edited)
+        save_file(edited, str(entry), metadata=meta)  # the metadata as it was: only a check of the content sees it
+        got = _decode(root, 'train', caplog)
+        assert any(doubt in m for m in caplog.messages), caplog.messages
+        assert _same(got, _fresh(root, 'train'))
+
+
+def test_a_swapped_image_with_size_and_mtime_restored_is_noticed(tmp_path, private_cache, caplog):
+    import os as _os
+    root = _raw_png_folder(tmp_path / 'data')
+    before = _decode(root, 'train', caplog)
+    a, b = root / 'train' / 'c0' / '0.png', root / 'train' / 'c2' / '1.png'
+    stat_a, stat_b = a.stat(), b.stat()
+    assert stat_a.st_size == stat_b.st_size
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    _os.utime(a, ns=(stat_a.st_atime_ns, stat_a.st_mtime_ns))
+    _os.utime(b, ns=(stat_b.st_atime_ns, stat_b.st_mtime_ns))
+    assert _entry(root, 'train').exists()  # the key (names, sizes, mtimes) is the same: the same entry
+    got = _decode(root, 'train', caplog)
+    assert any('was made from other files' in m for m in caplog.messages), caplog.messages
+    assert not torch.equal(got.images, before.images) and _same(got, _fresh(root, 'train'))
+
+
+@pytest.mark.parametrize('loader', ['memory', 'auto'])
+def test_validation_images_of_another_size_are_never_fed_unresized(loader, tmp_path, private_cache, caplog,
+                                                                   capsys):
+    root = _raw_png_folder(tmp_path / 'data', test_size=40)
+    rc = main(_train(root, '--val-split', 'test', '--loader', loader, '--output', str(tmp_path), '--experiment',
+                     'sizes', '--sched', 'step', '--decay-epochs', '100'))
+    if loader == 'memory':
+        assert rc == 2 and 'the images are 40x40 but the model takes 32x32' in capsys.readouterr().err
+    else:  # timm's loader for every split: its eval transform resizes the 40-pixel images
+        assert rc == 0 and any('(timm loader)' in m for m in caplog.messages), caplog.messages
