@@ -58,8 +58,10 @@ class RunFolderLock:
             self._fd = None
             raise ValueError(f'the run folder {folder!r} is in use by another training process (pid {holder}): '
                              f'wait for it to end, or give another --experiment / --output') from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f'{os.getpid()}\n'.encode(), 0)
+        pid = f'{os.getpid()}\n'.encode()
+        if os.pread(self._fd, 64, 0) != pid:  # who holds it, for the message above; unchanged, not rewritten
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, pid, 0)
 
     def release(self, remove_folder: bool = False) -> None:
         """Unlock; with ``remove_folder``, a folder this lock made and nothing else wrote to goes too."""

@@ -248,7 +248,8 @@ BAD_INPUTS = [
                                                   str(w.tmp / 'no_cifar'), '--model', 'sd_resnet20', '-j', '0',
                                                   '--output', str(w.runs), '--experiment', 'c'],
         '--dataset-download'),
-    Bad('train-memory-with-timm-aug', lambda w: [a for a in T(w, '--loader', 'memory') if a != '--cifar-aug'],
+    Bad('train-memory-with-timm-aug', lambda w: [a if a != '--cifar-aug' else '--no-cifar-aug'
+                                                 for a in T(w, '--loader', 'memory')],
         'RandomResizedCrop'),
     Bad('train-optimizer-unknown', lambda w: T(w, '--opt', 'sgdd'), 'sgdd'),
     Bad('train-clip-mode', lambda w: T(w, '--clip-mode', 'sideways'), "invalid choice: 'sideways'"),
@@ -677,8 +678,8 @@ def test_publish_to_a_faulty_hub(mode: str, path: str, world: World, hub_env, ca
         assert state.faulted >= 1 and state.commits == []  # the fault was met; nothing was half-published
     # the staged files are intact: they load and reproduce the trained model
     from sd_zoo.loading import load_model
-    from sd_zoo.publishing import STAGED_FILES
-    assert sorted(p.name for p in staged.iterdir()) == sorted(STAGED_FILES)
+    from sd_zoo.publishing import STAGED_FILES, STAGING_MARKER
+    assert sorted(p.name for p in staged.iterdir()) == sorted(STAGED_FILES + (STAGING_MARKER,))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_model(f'local-dir:{staged}')(x), load_model('sd_resnet20', str(world.run /
