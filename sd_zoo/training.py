@@ -130,7 +130,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.0)
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier (drop_rate)')
     g.add_argument('--drop-path', type=float, default=None, help='1 - p_L (model default 0.5; 0: constant depth)')
-    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False,
+                   help='keep an EMA of the weights (--no-model-ema undoes a recipe\'s)')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g = p.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=42)
@@ -371,8 +372,12 @@ def check_output_dir(args, output_dir: str) -> None:
     held = sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or re.fullmatch(r'checkpoint-\d+\.pth\.tar', n))
     if held:
         shown = ', '.join(held[:4]) + (', ...' if len(held) > 4 else '')
-        raise ValueError(f'the output folder {output_dir!r} already holds a run ({shown}): resume it with --resume '
-                         f'{os.path.join(output_dir, "last.pth.tar")}, or give another --experiment / --output')
+        last, numbered = os.path.join(output_dir, 'last.pth.tar'), _numbered_checkpoints(output_dir)
+        resume = f'resume it with --resume {last}' if os.path.isfile(last) else \
+            f'resume it with --resume {os.path.join(output_dir, numbered[0][1])}' if numbered else \
+            'it stopped before its first checkpoint, so there is nothing to resume'
+        raise ValueError(f'the output folder {output_dir!r} already holds a run ({shown}): {resume}, or give another '
+                         f'--experiment / --output')
 
 
 def create_run_model(args, pretrained: bool = False) -> nn.Module:
@@ -466,6 +471,23 @@ def _resume(args, task, optimizer, loss_scaler) -> int:
     return start_epoch
 
 
+def _intact_checkpoint(damaged: str) -> str:
+    """The newest numbered checkpoint beside a damaged one that reads as a training checkpoint, for the error
+    message ('' when there is none)."""
+    from timm.utils import load_checkpoint_metadata
+    folder = os.path.dirname(os.path.abspath(damaged))
+    for epoch, name in _numbered_checkpoints(folder) if os.path.isdir(folder) else ():
+        path = os.path.join(folder, name)
+        if os.path.samefile(path, damaged):
+            continue
+        try:
+            if isinstance(load_checkpoint_metadata(path).get('epoch'), int):
+                return f'; the newest intact checkpoint of the run is {path} (epoch {epoch}): resume from it'
+        except Exception:  # damaged too: try an older one
+            continue
+    return ''
+
+
 def _cannot_resume(path: str, error: Exception) -> str:
     return (f'cannot resume from {path!r} ({type(error).__name__}: '
             f'{str(error).splitlines()[0][:200] if str(error) else ""}); it must be a checkpoint of this model '
@@ -540,7 +562,7 @@ def _read_training_checkpoint(args) -> Dict[str, Any]:
     try:
         meta = load_checkpoint_metadata(args.resume)
     except Exception as e:  # a foreign or damaged file
-        raise ValueError(_cannot_resume(args.resume, e)) from e
+        raise ValueError(_cannot_resume(args.resume, e) + _intact_checkpoint(args.resume)) from e
     meta = meta if isinstance(meta, dict) else {}
     missing = [name for name, present in (
         ('epoch', isinstance(meta.get('epoch'), int)), ('state_dict', 'state_dict' in meta or 'model' in meta),

@@ -9,6 +9,7 @@ nothing fetched: the loopback server records every request it gets.
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple
 
@@ -637,3 +638,31 @@ def test_validation_images_of_another_size_are_never_fed_unresized(loader, tmp_p
         assert rc == 2 and 'the images are 40x40 but the model takes 32x32' in capsys.readouterr().err
     else:  # timm's loader for every split: its eval transform resizes the 40-pixel images
         assert rc == 0 and any('(timm loader)' in m for m in caplog.messages), caplog.messages
+
+
+# ---------------------------------------------------------------------------------------------- hints
+
+
+def test_a_run_killed_before_its_first_checkpoint_names_no_checkpoint(image_folder: Path, tmp_path, capsys):
+    (tmp_path / 'early').mkdir()
+    (tmp_path / 'early' / 'args.yaml').write_text('model: sd_resnet20\n')  # what a run writes before epoch 0 ends
+    assert main(_train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--experiment', 'early')) == 2
+    err = capsys.readouterr().err
+    assert 'it stopped before its first checkpoint, so there is nothing to resume' in err and 'last.pth.tar' not in err
+
+
+def test_a_truncated_last_checkpoint_points_to_the_intact_one(image_folder: Path, tmp_path, capsys):
+    argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--sched', 'step',
+                  '--decay-epochs', '100', '--checkpoint-hist', '2')
+    assert main(argv + ['--experiment', 'cut', '--epochs', '2']) == 0
+    last = tmp_path / 'cut' / 'last.pth.tar'
+    last.write_bytes(last.read_bytes()[:4096])
+    capsys.readouterr()
+    assert main(argv + ['--epochs', '3', '--resume', str(last)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # checkpoint-1 is a link to last.pth.tar (cut with it) where the file system allows: then checkpoint-0
+    found = re.search(r'the newest intact checkpoint of the run is (\S+) \(epoch (\d)\): resume from it', err[0])
+    assert len(err) == 1 and found, err
+    intact = Path(found.group(1))
+    assert intact.parent == last.parent and not os.path.samefile(intact, last)
+    assert main(argv + ['--epochs', '3', '--resume', str(intact)]) == 0  # and it does resume
