@@ -99,8 +99,13 @@ def shape_kwargs_from_weights(arch: str, state_dict: Dict[str, torch.Tensor]) ->
 
 
 def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False) -> None:
-    """Load ``checkpoint`` into ``model`` strictly, with a ValueError that says why it does not fit."""
+    """Load ``checkpoint`` into ``model`` strictly, with a ValueError that says why it does not fit (or why
+    it would evaluate to nothing: NaN or infinite weights)."""
     state_dict = read_state_dict(checkpoint, use_ema=use_ema)
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f'the weights in {checkpoint!r} hold NaN or infinite values ({bad}): the run diverged '
+                         f'before this checkpoint, or the file was altered')
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

@@ -666,3 +666,14 @@ def test_a_truncated_last_checkpoint_points_to_the_intact_one(image_folder: Path
     intact = Path(found.group(1))
     assert intact.parent == last.parent and not os.path.samefile(intact, last)
     assert main(argv + ['--epochs', '3', '--resume', str(intact)]) == 0  # and it does resume
+
+
+def test_a_checkpoint_with_nan_weights_is_not_evaluated(image_folder: Path, tmp_path, capsys):
+    from sd_zoo.loading import read_state_dict
+    from safetensors.torch import save_file
+    sd = read_state_dict(str(ROOT / 'sd_zoo' / 'weights' / 'sd_resnet20.cifar10' / 'model.safetensors'))
+    sd['layer2.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    save_file(sd, str(tmp_path / 'nan.safetensors'))
+    assert main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(tmp_path / 'nan.safetensors'),
+                 '--data-dir', str(image_folder), '--split', 'test', '-j', '0']) == 2
+    assert 'hold NaN or infinite values (layer2.0.conv1.weight)' in capsys.readouterr().err
