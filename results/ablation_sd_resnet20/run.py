@@ -7,7 +7,7 @@ each variant changes one thing. After training, the last epoch's raw and EMA wei
 held-out images and on the test split (reported, never used to choose). Resumable: a finished variant is
 skipped, an interrupted one resumes from its last.pth.tar.
     python run.py [VARIANT ...]        (default: all, in the order below)
-    python run.py --table              the markdown table of what has finished
+    python run.py --table              the markdown table of what has finished (ABLATION_RUNS=. for the kept files)
 """
 import json
 import os
