@@ -75,7 +75,8 @@ def end_to_end(recipe: str, amp: bool, torchcompile: bool, out: str) -> dict:
     folder = os.path.join(out, exp)
     rows = list(csv.DictReader(open(os.path.join(folder, 'epochs.csv'))))
     stamps = [os.path.getmtime(os.path.join(folder, f'checkpoint-{e}.pth.tar')) for e in range(3)]
-    return dict(command=' '.join(cmd[:6] + ['DATA'] + cmd[7:]), total_s=total,
+    shown = ["''" if a == '' else 'DATA' if a == DATA else a for a in cmd]
+    return dict(command=' '.join(shown), total_s=total,
                 train_img_s=[float(r['images_per_s']) for r in rows], train_s=[float(r['wall_s']) for r in rows],
                 whole_epoch_s=[b - a for a, b in zip(stamps, stamps[1:])],
                 precision=json.load(open(os.path.join(folder, 'results.json'))).get('autocast'))
@@ -103,6 +104,11 @@ def main() -> None:
                     key = f'{"bf16" if amp else "fp32"}_{"sd" if dp else "constant"}_{mode}'
                     m['compute_only'][key] = compute_only(name, dp, amp, mode)
                     print(name, key, m['compute_only'][key], flush=True)
+        threads = torch.get_num_threads()  # one thread each: would two runs side by side train more per hour?
+        torch.set_num_threads(1)
+        m['compute_only']['bf16_sd_eager_1thread'] = compute_only(name, drop_path, True, 'eager')
+        torch.set_num_threads(threads)
+        print(name, '1 thread', m['compute_only']['bf16_sd_eager_1thread'], flush=True)
         for amp, comp in ((False, False), (True, False), (True, True)):
             key = f'{"bf16" if amp else "fp32"}{"_compiled" if comp else ""}'
             e = m['end_to_end'][key] = end_to_end(MODELS[name], amp, comp, tmp)
