@@ -274,8 +274,10 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     # checked input settings of config.json; pretrained=False, so timm fetches nothing
     pretrained_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), **config.pretrained_cfg,
                           architecture=arch)
-    for key in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source'):
-        pretrained_cfg.pop(key, None)
+    for key in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'label_names',
+                'label_descriptions', 'tag'):
+        pretrained_cfg.pop(key, None)  # no weight source; the classes and data set are config.json's or none
+    pretrained_cfg.update({k: v for k, v in config.pretrained_cfg.items() if k in ('tag', 'label_descriptions')})
     if config.label_names is not None:
         pretrained_cfg['label_names'] = list(config.label_names)
     try:

@@ -26,7 +26,7 @@ import yaml
 
 __all__ = ['Run', 'RunFolderLock', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
-           'write_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
+           'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
 EPOCH_RECORD = 'last_epoch.json'
@@ -230,7 +230,8 @@ def write_epoch_record(output_dir: str, record: Dict[str, Any]) -> None:
     write_atomic(os.path.join(output_dir, EPOCH_RECORD), json.dumps(record))
 
 
-def _read_record(output_dir: str) -> Optional[Dict[str, Any]]:
+def read_epoch_record(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The newest epoch's log rows as written before its checkpoint (None when absent or unreadable)."""
     path = os.path.join(output_dir, EPOCH_RECORD)
     try:
         with open(path) as f:
@@ -272,7 +273,7 @@ def reconcile_logs(output_dir: str, checkpoint_epoch: int) -> None:
             missing.append(name)
     if not missing:
         return
-    record = _read_record(output_dir)
+    record = read_epoch_record(output_dir)
     if record is None or record['epoch'] != checkpoint_epoch:
         _logger.warning(f'{", ".join(missing)}: no row of epoch {checkpoint_epoch} and no record of it in '
                         f'{EPOCH_RECORD}: that row stays missing')

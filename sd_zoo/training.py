@@ -36,8 +36,8 @@ from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, tr
 from .loading import check_model_name, load_weights
 from .models.sd_resnet_cifar import arch_depth
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, RunFolderLock, append_log_rows, epochs_done, model_kwargs_of, reconcile_logs, resolve_run, \
-    write_atomic, write_epoch_record
+from .runs import EPOCH_RECORD, RunFolderLock, append_log_rows, epochs_done, model_kwargs_of, read_epoch_record, \
+    reconcile_logs, resolve_run, write_atomic, write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -548,8 +548,12 @@ def _check_resume(args, output_dir: str, in_place: bool) -> int:
 
 def _check_run_record(output_dir: str, epoch: int) -> None:
     """A run continued in its folder keeps its record: without args.yaml the run's arguments (and so the checks
-    above) are gone, without summary.csv the rows of its epochs; neither is made up from this command."""
+    above) are gone, without summary.csv the rows of its epochs; neither is made up from this command. The one
+    summary.csv that can be proven is epoch 0's alone, from the record written before its checkpoint."""
     missing = [n for n in ('args.yaml', 'summary.csv') if not os.path.isfile(os.path.join(output_dir, n))]
+    record = read_epoch_record(output_dir)
+    if 'summary.csv' in missing and epoch == 0 and record is not None and record['epoch'] == 0:
+        missing.remove('summary.csv')  # a stop before epoch 0's rows: its record beside the checkpoint has them
     if missing:
         raise ValueError(f'the run folder {output_dir!r} has lost its {" and ".join(missing)}: the record of epochs '
                          f'0-{epoch} cannot be continued there; restore {"them" if len(missing) > 1 else "it"}, or '

@@ -403,12 +403,12 @@ def test_a_second_writer_of_a_training_run_is_refused(image_folder: Path, tmp_pa
 def test_a_resume_whose_record_was_deleted_is_refused(lost, image_folder: Path, tmp_path, capsys):
     argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--sched', 'step',
                   '--decay-epochs', '100')
-    assert main(argv + ['--experiment', 'r']) == 0  # one epoch
+    assert main(argv + ['--experiment', 'r', '--epochs', '2']) == 0  # epoch 0's rows are in no other record
     (tmp_path / 'r' / lost).unlink()
     capsys.readouterr()
     assert main(argv + ['--epochs', '3', '--resume', str(tmp_path / 'r' / 'last.pth.tar')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f'has lost its {lost}' in err[0], err
+    assert len(err) == 1 and f'has lost its {lost}' in err[0] and 'epochs 0-1' in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- labels

@@ -303,13 +303,15 @@ def test_best_checkpoint_chosen_on_the_test_split_is_refused(trained_run, tmp_pa
     # chosen on held-out training images: model_best is fine, and the card says which weights it shows
     held_out = _train(data, tmp_path / 'runs', 'held_out', '--val-holdout', '10')
     result = publish_main([str(held_out), '--repo-id', REPO_ID, '--checkpoint', 'best', '--dry-run', '--out',
-                           str(staged), '--data-dir', str(data)])
+                           str(staged), '--data-dir', str(data), '--overwrite'])  # another run's staging there
     assert result['results']['images'] == 20 and '`model_best.pth.tar`' in (staged / 'README.md').read_text()
     # timm's kept checkpoint-N files are its best few by that accuracy too; the last epoch's one is the last epoch
     two = _train(data, tmp_path / 'runs', 'two_epochs', '--epochs', '2')
     with pytest.raises(ValueError, match=r"checkpoint-0.pth.tar' was kept for its accuracy on the 'test' split"):
-        publish_main([str(two / 'checkpoint-0.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)])
-    publish_main([str(two / 'checkpoint-1.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged)])
+        publish_main([str(two / 'checkpoint-0.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
+                      '--overwrite'])
+    publish_main([str(two / 'checkpoint-1.pth.tar'), '--repo-id', REPO_ID, '--dry-run', '--out', str(staged),
+                  '--overwrite'])
 
 
 @pytest.mark.slow
@@ -345,13 +347,14 @@ def test_card_names_the_data_set_only_when_known(trained_run, tmp_path):
     assert 'CIFAR-10' not in card and 'datasets:' not in meta and 'model-index' not in meta
     assert '## Against published weights' not in card and 'an image data set that the run does not name' in card
     assert '| test split | 20 |' in card
-    assert 'label_names' not in config and 'tag' not in config['pretrained_cfg']
+    # the outputs' classes are the run's own (its folder's class names), which name no data set
+    assert config['label_names'] == [f'class{i}' for i in range(10)] and 'tag' not in config['pretrained_cfg']
     # --model NAME.TAG names it; the input normalization stays the one the run trained with (CIFAR-10's)
     svhn = tmp_path / 'svhn'
     assert publish_main([*common, '--out', str(svhn), '--model', 'sd_resnet20.svhn'])['tag'] == 'svhn'
     card, config = (svhn / 'README.md').read_text(), json.loads((svhn / 'config.json').read_text())
     assert 'trained with stochastic depth on SVHN' in card and 'CIFAR-10' not in card
-    assert config['pretrained_cfg']['tag'] == 'svhn' and 'label_names' not in config
+    assert config['pretrained_cfg']['tag'] == 'svhn' and config['label_names'][0] == 'class0'
     assert config['pretrained_cfg']['mean'] == [0.4914, 0.4822, 0.4465]
     # a tag that contradicts the weights or another statement is an error
     with pytest.raises(ValueError, match='says the run trained on cifar100 \\(100 classes\\), but the weights have 10'):

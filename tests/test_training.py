@@ -53,12 +53,14 @@ def test_train_then_validate_on_cifar10_subset(cifar10_dir, tmp_path, capsys, ca
     capsys.readouterr()
     results_file = tmp_path / 'val.json'
     rc = main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(out / 'model_best.pth.tar'),
-               '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '256', '-j', '0',
+               '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '2000', '-j', '0',
                '--results-file', str(results_file)])
     assert rc == 0
     res = json.loads(results_file.read_text())
-    assert res['images'] == 256 and 0 <= res['top1'] <= 100 and res['top5'] >= res['top1']
-    assert res['top1'] > 15.0  # two short epochs already beat chance (10%) on CIFAR-10
+    assert res['images'] == 2000 and 0 <= res['top1'] <= 100 and res['top5'] >= res['top1']
+    # two short epochs on 512 images already beat chance (10%) on CIFAR-10: 12.5% on 2,000 images is 3.7
+    # standard errors above it (how far above depends on the CPU's rounding: 14-20% seen)
+    assert res['top1'] > 12.5
     csv_file = tmp_path / 'val.csv'
     assert main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(out / 'last.pth.tar'),
                  '--data-dir', str(cifar10_dir), '--split', 'test', '--subset', '64', '-j', '0',
