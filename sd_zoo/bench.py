@@ -260,7 +260,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world_size: int, port: int, args, out_path: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    import sd_zoo  # noqa: F401  registers the models in the spawned process
+    from . import models  # noqa: F401  registers the models in the spawned process
 
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     base = _resolve_device(args.device)
@@ -405,7 +405,7 @@ class PeakRSS:
 
 
 def _memory_worker(args, variant: str, queue) -> None:
-    import sd_zoo  # noqa: F401
+    from . import models  # noqa: F401  registers the models in the spawned process
     device = _resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from . import models  # noqa: F401  registers the sd architectures with timm, whoever calls
 from .published import PublishedConfig, check_published_config, check_published_weights
 
 __all__ = ['check_model_name', 'load_model', 'load_weights', 'load_published', 'read_state_dict',
@@ -32,7 +33,6 @@ def check_model_name(name: str) -> str:
     """``name`` if it is a registered architecture or ``arch.tag``; else a ValueError naming the choices."""
     import timm
     from timm.models import get_arch_name, is_model
-    import sd_zoo  # noqa: F401  the sd models, whoever calls
     if not isinstance(name, str) or not name:
         raise ValueError(f'a model name is needed, got {name!r}')
     arch = get_arch_name(name)
@@ -256,7 +256,6 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     """An sd-zoo model with published weights: a Hub repo id (``ORG/NAME`` or ``hf-hub:ORG/NAME``) or a
     folder (``local-dir:PATH``). ``model_name`` and ``num_classes``, when given, must match the weights."""
     import timm
-    import sd_zoo  # noqa: F401  registers the architectures
     kind, where, pinned = parse_source(source)
     if pinned and revision and pinned != revision:
         raise ValueError(f'{source!r} pins the revision {pinned!r} but revision={revision!r} was given: give one')
