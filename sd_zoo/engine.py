@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: Optional[
 
 
 class NonFiniteLoss(ValueError):
-    """The training loss became NaN or infinite: training stops before the step that would spread it."""
+    """The training loss became NaN or infinite: training stops at that step, before any checkpoint has it."""
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -125,9 +125,6 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
         with nullcontext() if last_accum else task.no_sync():
             with autocast(device, dtype):
                 loss = task(images, target)['loss']
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # before the step: the weights stay as the last good step left them
-                raise NonFiniteLoss(f'the training loss is {loss_value} at epoch {epoch}, step {batch_idx}')
             _backward(loss / grad_accum_steps, task, optimizer, loss_scaler, last_accum, clip_grad, clip_mode)
         if last_accum:
             optimizer.zero_grad()
@@ -135,6 +132,9 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
             task.update_ema(step=num_updates)
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
+        loss_value = loss.item()  # the step's one sync, after its backward and update were queued
+        if not math.isfinite(loss_value):  # stop before any checkpoint holds what this step did
+            raise NonFiniteLoss(f'the training loss is {loss_value} at epoch {epoch}, step {batch_idx}')
         n = images.shape[0]
         losses += loss_value * n
         seen += n

@@ -887,7 +887,7 @@ def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
 
 def _train_epoch(run: _Training, epoch: int, num_updates: int) -> Dict[str, float]:
     """One epoch; a loss that turns NaN or infinite stops the run with a one-line error that names the last
-    good checkpoint (the epoch's step never ran, and no checkpoint of this epoch is written)."""
+    good checkpoint (no checkpoint of this epoch is written)."""
     args = run.args
     try:
         return train_one_epoch(
