@@ -16,8 +16,8 @@ import torch
 
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import autocast_dtype, default_device, evaluate
-from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model
-from .runs import resolve_run, run_input_overrides, write_atomic
+from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model, load_weights
+from .runs import RunFolder, write_atomic
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -73,14 +73,15 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
         raise ValueError('--use-ema takes the EMA weights of a training checkpoint: give --checkpoint FILE '
                          '(published and pretrained weights hold one set of weights)')
     dev = default_device(device)
-    net = load_model(model, checkpoint, pretrained, num_classes, use_ema).to(dev)
+    run = RunFolder.open(checkpoint) if checkpoint else None
+    net = _model_to_evaluate(model, run, pretrained, num_classes, use_ema).to(dev)
     if pretrained and not checkpoint and net.num_classes != net.pretrained_cfg.get('num_classes', net.num_classes):
         raise ValueError(f'{model}\'s pretrained weights have {net.pretrained_cfg["num_classes"]} classes: '
                          f'--num-classes {num_classes} would evaluate a new, untrained head')
     if channels_last:
         net.to(memory_format=torch.channels_last)
     # a training checkpoint is evaluated with the normalization its run trained with (args.yaml beside it)
-    data_config = resolve_data_config(net, run_input_overrides(resolve_run(checkpoint)) if checkpoint else None)
+    data_config = resolve_data_config(net, run.input_overrides() if run else None)
     source = DataSource(dataset=dataset, root=data_dir, download=dataset_download,
                         img_mode=image_mode(data_config))
     data, num_images = build_eval_loader(source, split, data_config=data_config, batch_size=batch_size,
@@ -100,6 +101,21 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
     if results_file:
         write_results(results_file, results)
     return results
+
+
+def _model_to_evaluate(name: str, run: Optional[RunFolder], pretrained: bool, num_classes: Optional[int],
+                       use_ema: bool) -> torch.nn.Module:
+    """A checkpoint's model is its run's, rebuilt from args.yaml (the one rebuild training and publish use);
+    ``hf-hub:``/``local-dir:`` models take a checkpoint's weights as they are."""
+    if run is None or name.startswith((HUB_PREFIX, LOCAL_PREFIX)):
+        net = load_model(name, pretrained and run is None, num_classes)
+        if run is not None:
+            load_weights(net, str(run.checkpoint), use_ema=use_ema)
+        return net.eval()
+    net = run.model(name, use_ema=use_ema)
+    if num_classes is not None and num_classes != net.num_classes:
+        raise ValueError(f'{str(run.checkpoint)!r} has {net.num_classes} classes: drop --num-classes {num_classes}')
+    return net
 
 
 def check_results_file(path: str, overwrite: bool = False) -> None:

@@ -14,14 +14,14 @@ One place for the rules the commands share:
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from . import models  # noqa: F401  registers the sd architectures with timm, whoever calls
 from .published import PublishedConfig, check_published_config, check_published_weights
 
-__all__ = ['check_model_name', 'load_model', 'load_weights', 'load_published', 'read_state_dict',
+__all__ = ['check_model_name', 'load_model', 'load_weights', 'load_state', 'load_published', 'read_state_dict',
            'shape_kwargs_from_weights']
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -101,7 +101,11 @@ def shape_kwargs_from_weights(arch: str, state_dict: Dict[str, torch.Tensor]) ->
 def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False) -> None:
     """Load ``checkpoint`` into ``model`` strictly, with a ValueError that says why it does not fit (or why
     it would evaluate to nothing: NaN or infinite weights)."""
-    state_dict = read_state_dict(checkpoint, use_ema=use_ema)
+    load_state(model, read_state_dict(checkpoint, use_ema=use_ema), checkpoint)
+
+
+def load_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str) -> None:
+    """:func:`load_weights` of weights already read from ``checkpoint``."""
     bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise ValueError(f'the weights in {checkpoint!r} hold NaN or infinite values ({bad}): the run diverged '
@@ -116,32 +120,21 @@ def load_weights(model: torch.nn.Module, checkpoint: str, use_ema: bool = False)
                          f'with {model.num_classes} classes: {detail} (pass the matching model name)') from e
 
 
-def load_model(name: str, checkpoint: str = '', pretrained: bool = False, num_classes: Optional[int] = None,
-               use_ema: bool = False) -> torch.nn.Module:
-    """A model in eval mode from a name (``checkpoint`` optional; its head and input channels are taken from
-    the weights), ``hf-hub:ORG/NAME`` or ``local-dir:PATH``."""
+def load_model(name: str, pretrained: bool = False, num_classes: Optional[int] = None) -> torch.nn.Module:
+    """A model in eval mode from a name (with its pretrained weights where asked), ``hf-hub:ORG/NAME`` or
+    ``local-dir:PATH``. A training checkpoint's model is its run's: ``sd_zoo.runs.RunFolder.model``."""
     import timm
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise ValueError(f'checkpoint {checkpoint!r} does not exist')
     if name.startswith((HUB_PREFIX, LOCAL_PREFIX)):
-        model = load_published(name, num_classes=num_classes)
-        if checkpoint:
-            load_weights(model, checkpoint, use_ema=use_ema)
-        return model.eval()
+        return load_published(name, num_classes=num_classes).eval()
     check_model_name(name)
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    if checkpoint:
-        state_dict = read_state_dict(checkpoint, use_ema=use_ema)
-        kwargs = dict(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict), **kwargs)
     try:
-        model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:  # timm: 'No pretrained weights exist for ...'
         if not (pretrained and 'pretrained' in str(e)):
             raise
         raise ValueError(f'{name} has no pretrained weights: sd-zoo ships {", ".join(timm.list_pretrained("sd_*"))}'
                          f' (or give --checkpoint)') from e
-    if checkpoint:
-        load_weights(model, checkpoint, use_ema=use_ema)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ import torch
 from .models.sd_resnet_cifar import SHORTCUT_TYPES, arch_depth
 from .stochastic_depth import GRANULARITIES, RULES, SCALINGS
 
-__all__ = ['PublishedConfig', 'check_published_config', 'check_published_weights']
+__all__ = ['PublishedConfig', 'check_published_config', 'check_published_weights', 'check_run_model_args']
 
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg')
 
@@ -50,7 +50,7 @@ MODEL_ARGS: Dict[str, Callable[[Any], bool]] = dict(
     num_classes=_int(1), in_chans=_int(1), drop_rate=_number(0.0, 1.0), drop_path_rate=_number(0.0, 1.0),
     sd_rule=_choice(RULES), sd_granularity=_choice(GRANULARITIES), sd_scaling=_choice(SCALINGS),
     sd_seed=_int(0), depth=_int(8), shortcut_type=_choice(SHORTCUT_TYPES), global_pool=_choice(POOL_TYPES),
-    channels=_list_of(_int(1), 3))
+    channels=_list_of(_int(1), 3), zero_init_last=lambda v: isinstance(v, bool))
 CIFAR_ONLY = ('depth', 'shortcut_type', 'channels')
 # pretrained_cfg: the input settings a model is evaluated with, and descriptive text. Where weights come
 # from (url, file, hf_hub_id, state_dict, source) is never taken from a file: hf_hub_id, which sd-zoo
@@ -134,6 +134,28 @@ def check_published_config(config: Any, where: str) -> PublishedConfig:
                          f'in num_classes, model_args, pretrained_cfg and label_names')
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's cfgs hold tuples
     return PublishedConfig(architecture=arch, model_args=model_args, pretrained_cfg=cfg, label_names=labels)
+
+
+# timm.create_model's own keywords: where weights come from and how the model is built, never a run's to say
+CREATE_MODEL_KEYWORDS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir',
+                         'scriptable', 'exportable', 'no_jit')
+
+
+def check_run_model_args(kwargs: Dict[str, Any], arch: str) -> None:
+    """A run folder's model arguments (args.yaml's --drop, --drop-path, --model-kwargs) when its model is rebuilt
+    from them: for an sd-zoo architecture, the allow-list of a published config's model_args; for another timm
+    model, plain values of its own keywords (never a weight source or one of create_model's keywords)."""
+    if arch.startswith('sd_'):
+        unknown = sorted(k for k in kwargs if k not in MODEL_ARGS)
+        if unknown:
+            raise ValueError(f'model arguments an {arch} run is not rebuilt with: {", ".join(unknown)} (it takes '
+                             f'{", ".join(MODEL_ARGS)})')
+        bad = next((k for k, v in kwargs.items() if not MODEL_ARGS[k](v)), None)
+    else:
+        bad = next((k for k, v in kwargs.items() if k in CREATE_MODEL_KEYWORDS or
+                    not isinstance(v, (bool, int, float, str, type(None)))), None)
+    if bad is not None:
+        raise ValueError(f'model argument {bad}={kwargs[bad]!r:.80} is not one a run is rebuilt with')
 
 
 def check_published_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where: str) -> None:

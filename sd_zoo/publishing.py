@@ -22,7 +22,7 @@ import torch
 
 from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
 from .models.sd_resnet_cifar import CIFAR10_CLASSES
-from .runs import Run, build_run_model, epochs_done, read_csv, resolve_run, training_times
+from .runs import RunFolder, epochs_done, read_csv, training_times
 
 STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png', 'survival_schedule.png')
 # run settings that do not change the recipe: where and how it ran, not what it trained
@@ -87,7 +87,7 @@ class EvalData:
 @dataclass
 class Weights:
     """A run's model as it will be exported, and the input (size, normalization) it was trained on."""
-    run: Run
+    run: RunFolder
     model: torch.nn.Module
     input_config: Dict[str, Any]
 
@@ -115,7 +115,7 @@ def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = N
                      data: EvalData = EvalData(), baseline: Optional[str] = None, data_note: str = '',
                      train_note: str = '', overwrite: bool = False) -> Plan:
     """Every check of a publication, before any file is written: a bad input leaves ``out_dir`` untouched."""
-    weights = run_weights(resolve_run(source, which), model_name, use_ema)
+    weights = run_weights(RunFolder.open(source, which), model_name, use_ema)
     check_selection(weights.run, data, '--checkpoint best')  # metadata only: before any data is read
     tag = dataset_tag(weights.model, weights.run.args, model_name, tag)
     if out_dir:
@@ -129,20 +129,11 @@ def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = N
                 data_note=data_note, train_note=train_note, overwrite=overwrite)
 
 
-def run_weights(run: Run, model_name: Optional[str], use_ema: bool) -> Weights:
-    """The run's model rebuilt under the name it trained with (its config is the input the weights expect) when
-    --model only adds a tag to it, with the input config sd-zoo train resolved for it."""
+def run_weights(run: RunFolder, model_name: Optional[str], use_ema: bool) -> Weights:
+    """The run's model as it trained (RunFolder.model), with the input config sd-zoo train resolved for it."""
     from .data import resolve_data_config
-    model = build_run_model(run, _build_name(run, model_name), use_ema)
+    model = run.model(model_name, use_ema)
     return Weights(run=run, model=model, input_config=resolve_data_config(model, run.args))
-
-
-def _build_name(run: Run, model_name: Optional[str]) -> Optional[str]:
-    from timm.models import get_arch_name
-    trained = run.args.get('model')
-    if model_name and isinstance(trained, str) and get_arch_name(model_name) == get_arch_name(trained):
-        return trained
-    return model_name
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -195,11 +186,11 @@ def _checked_tag(tag: str, where: str, num_classes: int) -> str:
 STAGING_MARKER = '.sd-zoo-staging.json'  # which run and checkpoint a staging came from; never pushed
 
 
-def staging_source(run: Run) -> Dict[str, str]:
+def staging_source(run: RunFolder) -> Dict[str, str]:
     """What a staging's marker records: the run folder (its name, and a digest of its full path, which the
     marker does not spell out) and the checkpoint."""
     import hashlib
-    folder = os.path.realpath(run.run_dir)
+    folder = os.path.realpath(run.path)
     return dict(run=os.path.basename(folder), run_digest=hashlib.sha256(folder.encode()).hexdigest()[:16],
                 checkpoint=run.checkpoint.name)
 
@@ -278,7 +269,7 @@ def check_data(data: EvalData, weights: Weights) -> None:
     check_class_count(split.classes, weights.model.num_classes, source.describe(data.split))
 
 
-def check_selection(run: Run, data: EvalData, what: str) -> None:
+def check_selection(run: RunFolder, data: EvalData, what: str) -> None:
     """model_best (and timm's kept checkpoint-N files) are the epochs with the best accuracy on the run's
     validation data: refuse them when that data is the test split or the split the card reports (the card would
     show accuracy the weights were chosen on)."""
@@ -293,7 +284,7 @@ def check_selection(run: Run, data: EvalData, what: str) -> None:
                          f'train with --val-holdout N')
 
 
-def _selection_split(run: Run) -> Optional[str]:
+def _selection_split(run: RunFolder) -> Optional[str]:
     """The split model_best (or a kept checkpoint-N, timm's best few) was chosen on; None for a checkpoint
     not chosen by accuracy (last.pth.tar, the last epoch's checkpoint-N) or chosen on held-out training images."""
     if run.args.get('val_holdout') or not _chosen_by_accuracy(run):
@@ -301,10 +292,10 @@ def _selection_split(run: Run) -> Optional[str]:
     return run.args.get('val_split') or None
 
 
-def _chosen_by_accuracy(run: Run) -> bool:
+def _chosen_by_accuracy(run: RunFolder) -> bool:
     kept = re.fullmatch(r'checkpoint-(\d+)\.pth\.tar', run.checkpoint.name)
     if kept:
-        is_last = (run.run_dir / 'last.pth.tar').is_file() and finished_epochs(run) == int(kept.group(1)) + 1
+        is_last = (run.path / 'last.pth.tar').is_file() and finished_epochs(run) == int(kept.group(1)) + 1
         return not is_last
     return run.checkpoint.name == 'model_best.pth.tar'
 
@@ -317,7 +308,7 @@ def _is_test_split(split: str, dataset: str) -> bool:
 def check_baseline(weights: Weights, baseline: str, which: str, use_ema: bool) -> Weights:
     """The constant-depth twin, loaded like this model (its EMA weights with --ema: an error where it has none)
     and checked to be comparable."""
-    twin = run_weights(resolve_run(baseline, which), None, use_ema)
+    twin = run_weights(RunFolder.open(baseline, which), None, use_ema)
     _check_twin(weights, twin, baseline)
     return twin
 
@@ -342,7 +333,7 @@ def _check_twin(weights: Weights, twin: Weights, baseline: str) -> None:
     _check_same_schedule(weights.run, twin.run, baseline)
 
 
-def _check_same_schedule(run: Run, base: Run, baseline: str) -> None:
+def _check_same_schedule(run: RunFolder, base: RunFolder, baseline: str) -> None:
     """A twin stopped early (16 of 50 epochs) is not 'the same recipe': both runs must have finished as many
     epochs."""
     epochs = finished_epochs(run), finished_epochs(base)
@@ -352,10 +343,10 @@ def _check_same_schedule(run: Run, base: Run, baseline: str) -> None:
                          f'that finished the same schedule')
 
 
-def finished_epochs(run: Run) -> Optional[int]:
+def finished_epochs(run: RunFolder) -> Optional[int]:
     """Epochs the run completed, from its last checkpoint; None when no checkpoint says."""
     from timm.utils import load_checkpoint_metadata
-    last = run.run_dir / 'last.pth.tar'
+    last = run.path / 'last.pth.tar'
     try:
         meta = load_checkpoint_metadata(str(last if last.is_file() else run.checkpoint))
     except Exception:  # not a timm training checkpoint (a safetensors file, a bare state_dict)
@@ -386,7 +377,7 @@ def save_weights(model: torch.nn.Module, folder: Path, repo_id: str, tag: Option
     os.chmod(folder / 'model.safetensors', (folder / 'config.json').stat().st_mode & 0o777)
 
 
-def run_classes(run: Run, tag: Optional[str]) -> Optional[List[str]]:
+def run_classes(run: RunFolder, tag: Optional[str]) -> Optional[List[str]]:
     """The classes of the run's outputs, in label order: its training folder's class folders (sorted as timm's
     reader sorts them) where the folder is still there, torchvision's CIFAR-10 classes for a run on
     torch/cifar10 or tagged cifar10 with no folder to read; None when nothing says."""
@@ -431,8 +422,8 @@ def compare_with_baseline(plan: Plan) -> Dict[str, Any]:
             save_weights(plan.baseline.model, Path(folder), plan.repo_id, plan.tag, plan.baseline.input_config,
                          run_classes(plan.baseline.run, plan.tag))
             results = _evaluate(Path(folder), plan.data)
-    return dict(run_dir=str(base.run_dir), checkpoint=base.checkpoint.name, recipe_differs=differs,
-                results=results, times=training_times(base.run_dir))
+    return dict(run_dir=str(base.path), checkpoint=base.checkpoint.name, recipe_differs=differs,
+                results=results, times=training_times(base.path))
 
 
 def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
@@ -440,7 +431,7 @@ def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     model, run = plan.weights.model, plan.weights.run
     out = prepare_out_dir(out_dir, staging_source(run), plan.overwrite)
     save_weights(model, out, plan.repo_id, plan.tag, plan.weights.input_config, run_classes(run, plan.tag))
-    plots = ['training_curves.png'] if plot_curves(read_csv(run.run_dir / 'summary.csv'),
+    plots = ['training_curves.png'] if plot_curves(read_csv(run.path / 'summary.csv'),
                                                    out / 'training_curves.png') else []
     plot_schedule(model, out / 'survival_schedule.png')
     plots.append('survival_schedule.png')
@@ -448,7 +439,7 @@ def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     results = _evaluate(out, plan.data) if plan.data else None
     comparison = compare_with_baseline(plan) if plan.baseline else None
     card = model_card(model, repo_id=plan.repo_id, arch=plan.arch, tag=plan.tag, checkpoint_name=run.checkpoint.name,
-                      args=run.args, times=training_times(run.run_dir), results=results, plots=plots,
+                      args=run.args, times=training_times(run.path), results=results, plots=plots,
                       data_note=plan.data_note, use_ema=plan.use_ema, comparison=comparison,
                       train_note=plan.train_note)
     (out / 'README.md').write_text(card)

@@ -17,14 +17,15 @@ import logging
 import os
 import statistics
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import yaml
 
-__all__ = ['Run', 'RunFolderLock', 'resolve_run', 'build_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
+from .published import check_run_model_args
+
+__all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
 
@@ -74,82 +75,108 @@ class RunFolderLock:
             os.rmdir(self.folder)
 
 
-@dataclass
-class Run:
-    """A checkpoint, the folder it belongs to, and that run's training arguments (empty when unknown)."""
-    checkpoint: Path
-    run_dir: Path
-    args: Dict[str, Any] = field(default_factory=dict)
+class RunFolder:
+    """One training run's folder, read: its arguments (args.yaml, empty when there is none), the checkpoint chosen
+    in it, and :meth:`model`, the run's model rebuilt as it trained (validate --checkpoint and publish)."""
 
+    def __init__(self, path: Path, checkpoint: Optional[Path] = None, args: Optional[Dict[str, Any]] = None):
+        self.path = Path(path)
+        self.checkpoint = checkpoint
+        self.args = _read_args(self.path) if args is None else args
 
-def resolve_run(source: str, which: str = 'best') -> Run:
-    """The checkpoint (``model_best`` or ``last`` of a folder, or the file given), its folder and arguments."""
-    path = Path(source)
-    if not path.exists():
-        raise ValueError(f'{source!r} does not exist: give a training output folder or a checkpoint file')
-    if path.is_dir():
+    @classmethod
+    def open(cls, source: str, which: str = 'best') -> 'RunFolder':
+        """A training output folder (its ``model_best`` or ``last`` checkpoint) or a checkpoint file in one."""
+        path = Path(source)
+        if not path.exists():
+            raise ValueError(f'{source!r} does not exist: give a training output folder or a checkpoint file')
+        if not path.is_dir():
+            return cls(path.parent, path)
         names = ['model_best.pth.tar', 'last.pth.tar'] if which == 'best' else ['last.pth.tar']
         ckpt = next((path / n for n in names if (path / n).is_file()), None)
         if ckpt is None:
             raise ValueError(f'{source!r} has no {" or ".join(names)}: is it a training output folder?')
-        run_dir = path
-    else:
-        ckpt, run_dir = path, path.parent
-    args = {}
-    if (run_dir / 'args.yaml').is_file():
+        return cls(path, ckpt)
+
+    def input_overrides(self) -> Dict[str, Any]:
+        return run_input_overrides(self.args)
+
+    def model(self, name: Optional[str] = None, use_ema: bool = False) -> torch.nn.Module:
+        """The run's model as it trained (:func:`create_run_model` with args.yaml's arguments; classes and input
+        channels from the weights), with the checkpoint's weights, in eval mode. ``name`` may add a tag to the
+        trained architecture's name, or name the architecture of a checkpoint without args.yaml."""
+        from timm.models import get_arch_name
+        from .loading import check_model_name, load_state, read_state_dict, shape_kwargs_from_weights
+        name = check_model_name(self._model_name(name))
+        state_dict = read_state_dict(str(self.checkpoint), use_ema=use_ema)
         try:
-            args = yaml.safe_load((run_dir / 'args.yaml').read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f'{run_dir / "args.yaml"} is not valid YAML ({e})') from e
-        if not isinstance(args, dict):
-            raise ValueError(f'{run_dir / "args.yaml"} is not a mapping of training arguments')
-    return Run(checkpoint=ckpt, run_dir=run_dir, args=args)
+            check_run_model_args(model_kwargs_of(self.args), get_arch_name(name))
+        except ValueError as e:
+            raise ValueError(f'{str(self.path / "args.yaml")!r}: {e}') from None
+        model = create_run_model(self.args, name=name, **shape_kwargs_from_weights(get_arch_name(name), state_dict))
+        load_state(model, state_dict, str(self.checkpoint))
+        return model.eval()
+
+    def _model_name(self, given: Optional[str]) -> str:
+        """The trained name where ``given`` only adds a tag to it (its config is the input the weights expect),
+        else ``given``, else args.yaml's, else the checkpoint's ``arch`` entry (read weights_only)."""
+        from timm.models import get_arch_name
+        trained = self.args.get('model')
+        if given and isinstance(trained, str) and get_arch_name(given) == get_arch_name(trained):
+            return trained
+        name = given or trained
+        if not name and self.checkpoint.name.endswith(('.pth', '.pth.tar', '.tar')):
+            from timm.utils import load_checkpoint_metadata
+            try:
+                meta = load_checkpoint_metadata(str(self.checkpoint))
+            except Exception:  # not a timm checkpoint, or objects that weights_only refuses: never unpickled
+                meta = {}
+            name = meta.get('arch') if isinstance(meta, dict) else None
+        if not name:
+            raise ValueError(f'cannot tell the architecture of {str(self.checkpoint)!r} (no args.yaml beside it): '
+                             f'pass --model')
+        return name
 
 
-def _architecture(run: Run, model_name: Optional[str]) -> str:
-    """The model name: given, else args.yaml's, else the checkpoint's ``arch`` entry (read weights_only)."""
-    name = model_name or run.args.get('model')
-    if not name and run.checkpoint.name.endswith(('.pth', '.pth.tar', '.tar')):
-        from timm.utils import load_checkpoint_metadata
-        try:
-            meta = load_checkpoint_metadata(str(run.checkpoint))
-        except Exception:  # not a timm checkpoint, or objects that weights_only refuses: never unpickled
-            meta = {}
-        name = meta.get('arch') if isinstance(meta, dict) else None
-    if not name:
-        raise ValueError(f'cannot tell the architecture of {str(run.checkpoint)!r} (no args.yaml beside it): '
-                         f'pass --model')
-    return name
+def _read_args(folder: Path) -> Dict[str, Any]:
+    """args.yaml of a run folder as a mapping ({} when there is none); anything else is an error."""
+    path = folder / 'args.yaml'
+    if not path.is_file():
+        return {}
+    try:
+        args = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f'{path} is not valid YAML ({str(e).splitlines()[0]})') from e
+    if not isinstance(args, dict):
+        raise ValueError(f'{path} is not a mapping of training arguments')
+    return args
 
 
-def build_run_model(run: Run, model_name: Optional[str] = None, use_ema: bool = False) -> torch.nn.Module:
-    """The run's model as it was trained (stochastic-depth and dropout settings from args.yaml; classes and
-    input channels from the weights), with the checkpoint's weights, in eval mode."""
+def create_run_model(values: Dict[str, Any], *, name: Optional[str] = None, pretrained: bool = False,
+                     **shape: int) -> torch.nn.Module:
+    """The one place a run's model is built from its arguments (--model, --num-classes, --gp, --in-chans, --drop,
+    --drop-path, --model-kwargs): the model that trains, the one that tests at the best epoch, and the one that
+    validate --checkpoint and publish rebuild from args.yaml. ``shape`` (num_classes, in_chans from the weights)
+    overrides the arguments."""
     import timm
-    from .loading import check_model_name, load_weights, read_state_dict, shape_kwargs_from_weights
-    name = check_model_name(_architecture(run, model_name))
-    state_dict = read_state_dict(str(run.checkpoint), use_ema=use_ema)
+    name = name or values['model']
+    kwargs = dict(num_classes=values.get('num_classes'), global_pool=values.get('gp'),
+                  in_chans=values.get('in_chans'), **model_kwargs_of(values))
+    kwargs.update(shape)
     try:
-        kwargs = model_kwargs_of(run.args)
-    except ValueError as e:
-        raise ValueError(f'{str(run.run_dir / "args.yaml")!r}: {e}') from e
-    kwargs.update(shape_kwargs_from_weights(timm.models.get_arch_name(name), state_dict))
-    try:
-        model = timm.create_model(name, **kwargs)
-    except TypeError as e:
-        raise ValueError(f'{str(run.checkpoint)!r}: the run\'s model arguments do not fit {name} ({e})') from e
-    load_weights(model, str(run.checkpoint), use_ema=use_ema)
-    return model.eval()
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
+        raise ValueError(f'{name} does not take these arguments ({e})') from e
 
 
 INPUT_ARGS = ('input_size', 'img_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
-def run_input_overrides(run: Run) -> Dict[str, Any]:
+def run_input_overrides(args: Dict[str, Any]) -> Dict[str, Any]:
     """The input settings a run trained with, as timm data-config overrides: those its args.yaml sets, and
     where it sets no mean/std, those of the model name it trained (``sd_resnet110.cifar100``'s config)."""
-    values = {k: run.args[k] for k in INPUT_ARGS if run.args.get(k) is not None}
-    name = run.args.get('model')
+    values = {k: args[k] for k in INPUT_ARGS if args.get(k) is not None}
+    name = args.get('model')
     if name and not ('mean' in values and 'std' in values):
         import timm
         try:

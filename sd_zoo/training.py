@@ -36,8 +36,8 @@ from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, tr
 from .loading import check_model_name, load_weights
 from .models.sd_resnet_cifar import arch_depth
 from .recipes import resolve_recipe
-from .runs import EPOCH_RECORD, RunFolderLock, append_log_rows, epochs_done, model_kwargs_of, read_epoch_record, \
-    reconcile_logs, resolve_run, write_atomic, write_epoch_record
+from .runs import EPOCH_RECORD, RunFolder, RunFolderLock, append_log_rows, create_run_model, epochs_done, \
+    model_kwargs_of, read_epoch_record, reconcile_logs, write_atomic, write_epoch_record
 from .stochastic_depth import compile_blocks, set_gate_seed
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -380,21 +380,10 @@ def check_output_dir(args, output_dir: str) -> None:
                          f'--experiment / --output')
 
 
-def create_run_model(args, pretrained: bool = False) -> nn.Module:
-    """timm.create_model with the run's arguments: the model that trains, and the one that evaluates the test
-    split at the end (so ``hf-hub:``/``local-dir:`` names and --model-kwargs work for both)."""
-    import timm
-    try:
-        return timm.create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
-                                 global_pool=args.gp, in_chans=args.in_chans, **model_kwargs_of(vars(args)))
-    except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
-        raise ValueError(f'{args.model} does not take these arguments ({e})') from e
-
-
 def build_model(args, device: torch.device):
     """The model of the run (a tagged name takes its classes, mean/std and input size from the tag's config),
     on ``device``, with the resolved data config."""
-    model = create_run_model(args, pretrained=args.pretrained)
+    model = create_run_model(vars(args), pretrained=args.pretrained)
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
     if args.num_classes is None:
@@ -591,7 +580,7 @@ def test_split_of(values: Dict[str, Any]) -> Optional[str]:
 def _check_same_experiment(args) -> None:
     """The arguments of _SAME_ON_RESUME must be those of the run's args.yaml (beside the checkpoint); a foreign
     checkpoint without one is not checked."""
-    stored = _experiment_values(resolve_run(args.resume).args)
+    stored = _experiment_values(RunFolder.open(args.resume).args)
     now = _experiment_values(vars(args))
     # a value the run left unset (None: the model's classes, timm train.py's lr from --lr-base) is not compared
     differ = [f'--{k.replace("_", "-")} {_shown(v)} (now {_shown(now[k])})' for k, v in stored.items()
@@ -959,7 +948,7 @@ def _test_at_best_epoch(args, output_dir: str, use_ema: bool, loader, device, ev
     built as the training one was."""
     best = os.path.join(output_dir, 'model_best.pth.tar')
     checkpoint = best if os.path.exists(best) else os.path.join(output_dir, 'last.pth.tar')
-    model = create_run_model(args)
+    model = create_run_model(vars(args))
     load_weights(model, checkpoint, use_ema=use_ema)
     model = model.to(device).eval()
     return dict(evaluate(model, loader, device, **eval_kwargs), split=test_split_of(vars(args)))

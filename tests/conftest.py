@@ -58,3 +58,26 @@ def hub_env(monkeypatch, tmp_path):
         monkeypatch.setenv('HF_HUB_DISABLE_XET', '1')
         monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True, raising=False)
     return point
+
+
+def make_image_folder(root: Path, classes=10, splits=(('train', 4), ('test', 2)), size: int = 32, seed: int = 0,
+                      suffix: str = '.png', split_sizes=None, **save_kwargs) -> Path:
+    """An image folder of random RGB images: ``root/SPLIT/CLASS/i.png``. ``classes`` is a count (class0,
+    class1, ...) or the class names; ``split_sizes`` gives a split other images' size."""
+    from PIL import Image
+    names = [f'class{c}' for c in range(classes)] if isinstance(classes, int) else list(classes)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in splits:
+        px = (split_sizes or {}).get(split, size)
+        for name in names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = (torch.rand(px, px, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / name / f'{i}{suffix}', **save_kwargs)
+    return root
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory) -> Path:
+    """A 10-class image folder of random 32x32 images (train 4 / test 2 per class)."""
+    return make_image_folder(tmp_path_factory.mktemp('tiny'))

@@ -9,23 +9,9 @@ import torch
 import yaml
 
 import sd_zoo
+from sd_zoo.runs import RunFolder
 from sd_zoo.cli import main
 from sd_zoo.loading import check_model_name, load_model, parse_source
-
-
-@pytest.fixture(scope='module')
-def tiny_folder(tmp_path_factory):
-    """A 10-class image folder of random 32x32 images (train 4 / test 2 per class)."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp('tiny')
-    g = torch.Generator().manual_seed(0)
-    for split, n in (('train', 4), ('test', 2)):
-        for c in range(10):
-            (root / split / f'class{c}').mkdir(parents=True)
-            for i in range(n):
-                arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')
-    return root
 
 
 def _train(data, out, name, *extra):
@@ -53,7 +39,7 @@ def test_train_with_a_tagged_name_takes_the_tag_config(tiny_folder, tmp_path):
     assert args['mean'] is None  # mean/std come from the tag's config, not repeated by the user
     state = timm.models.load_state_dict(str(run / 'last.pth.tar'))
     assert state['fc.weight'].shape == (100, 64)
-    model = load_model('sd_resnet20.cifar100', str(run / 'last.pth.tar'))
+    model = RunFolder.open(str(run / 'last.pth.tar')).model('sd_resnet20.cifar100')
     assert model.num_classes == 100 and model.pretrained_cfg['mean'] == (0.5071, 0.4865, 0.4409)
 
 
@@ -188,3 +174,52 @@ def test_card_describes_the_models_own_gates_and_scaling():
         model = timm.create_model('sd_resnet20', drop_path_rate=0.5, **kwargs)
         text = '\n'.join(_model_lines(model, 'sd_resnet20', 'cifar10', 'last.pth.tar', False))
         assert all(s in text for s in says) and not_said not in text, kwargs
+
+
+REBUILD_CASES = {
+    'gp_max': ('--gp', 'max', '--drop', '0.2'),
+    'subsample_subset': ('--model-kwargs', 'shortcut_type=subsample', 'sd_granularity=subset', 'sd_rule=uniform',
+                         '--drop-path', '0.3'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(REBUILD_CASES))
+def test_one_rebuild_for_training_validation_and_publishing(case, tiny_folder, tmp_path):
+    """A run trained with non-default model arguments is the same model when validate --checkpoint and publish
+    rebuild it (one rebuild: RunFolder.model), and when users load the published folder through timm."""
+    import math
+    from timm.models import load_checkpoint
+    from sd_zoo.evaluation import validate
+    from sd_zoo.publishing import publish
+    run = _train(tiny_folder, tmp_path, case, '--model', 'sd_resnet20', *REBUILD_CASES[case])
+    checkpoint = run / 'last.pth.tar'
+    # the trained model, built here from what the flags mean (not through sd-zoo's rebuild)
+    expected_kwargs = dict(gp_max=dict(global_pool='max', drop_rate=0.2),
+                           subsample_subset=dict(shortcut_type='subsample', sd_granularity='subset',
+                                                 sd_rule='uniform', drop_path_rate=0.3))[case]
+    trained = timm.create_model('sd_resnet20', num_classes=10, **expected_kwargs)
+    load_checkpoint(trained, str(checkpoint), weights_only=True)
+    trained.eval()
+    default = timm.create_model('sd_resnet20', num_classes=10).eval()
+    load_checkpoint(default, str(checkpoint), weights_only=True)  # the same weights fit the default model too
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained(x)
+        assert not torch.allclose(default(x), want, atol=1e-4)  # so the arguments matter to the logits
+        rebuilt = RunFolder.open(str(checkpoint)).model('sd_resnet20')
+        assert torch.equal(rebuilt(x), want)
+        staged = tmp_path / 'staged'
+        publish(str(run), repo_id='someone/rebuild', checkpoint='last', dry_run=True, out=str(staged))
+        published = timm.create_model(f'local-dir:{staged}', pretrained=True).eval()
+        assert torch.equal(published(x), want)
+    # validate --checkpoint evaluates that model: its loss is the trained model's on the same images
+    result = validate('sd_resnet20', checkpoint=str(checkpoint), data_dir=str(tiny_folder), split='test',
+                      workers=0, device='cpu', quiet=True)
+    data = timm.data.create_dataset('', root=str(tiny_folder), split='test')
+    cfg = timm.data.resolve_data_config({}, model=trained)
+    transform = timm.data.create_transform(**cfg)
+    images = torch.stack([transform(img) for img, _ in data])
+    labels = torch.tensor([label for _, label in data])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(trained(images), labels).item()
+    assert math.isclose(result['loss'], loss, rel_tol=1e-4), (result['loss'], loss)

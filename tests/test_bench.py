@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from conftest import make_image_folder
 from sd_zoo.cli import main
 
 
@@ -78,14 +79,7 @@ def test_bench_runs_on_sd_resnet50(tmp_path):
 
 def test_bench_data_section_on_real_images(tmp_path, capsys):
     """Both loaders, both variants, end-to-end epochs over real files; the step ratio over the same gates."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (tmp_path / 'data' / 'train' / f'c{c}').mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / 'data' / 'train' / f'c{c}' / f'{i}.jpg')
+    make_image_folder(tmp_path / 'data', splits=(('train', 4),), suffix='.jpg')
     out = tmp_path / 'bench.json'
     assert main(['bench', '--skip', 'train', 'ddp', 'eval', 'memory', '--data-dir', str(tmp_path / 'data'),
                  '--data-models', 'sd_resnet20', '--data-images', '32', '--batch-size', '8', '--data-workers', '0',

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_image_folder
 from sd_zoo import data as sd_data
 from sd_zoo.data import Augmentation, DataSource, TensorLoader, build_eval_loader, build_loaders, decode_split
 
@@ -16,14 +17,7 @@ CIFAR_CFG = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.4914, 
 
 
 def _image_folder(root: Path, splits=('train', 'test'), classes=('cat', 'dog', 'frog'), per_class=4, size=8):
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(root / split / c / f'{i}.png')
-    return root
+    return make_image_folder(root, classes=classes, splits=[(s, per_class) for s in splits], size=size)
 
 
 @pytest.fixture

@@ -26,20 +26,11 @@ from PIL import Image
 
 import sd_zoo
 from hub_server import closed_port_endpoint, start_hub, stop_hub
+from sd_zoo.runs import RunFolder
 from sd_zoo.cli import main
+from conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _folder(root: Path, classes=10, per_class=(('train', 4), ('test', 2)), size=32, seed=0) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    for split, n in per_class:
-        for c in range(classes):
-            (root / split / f'class{c}').mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')
-    return root
 
 
 class World:
@@ -47,18 +38,18 @@ class World:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.data = _folder(tmp / 'data')
-        self.corrupt = _folder(tmp / 'corrupt')
+        self.data = make_image_folder(tmp / 'data')
+        self.corrupt = make_image_folder(tmp / 'corrupt')
         self.bad_image = self.corrupt / 'train' / 'class3' / '1.png'
         self.bad_image.write_bytes(b'this is not a PNG file')
-        self.truncated = _folder(tmp / 'truncated')
+        self.truncated = make_image_folder(tmp / 'truncated')
         self.cut_image = self.truncated / 'train' / 'class5' / '2.png'
         self.cut_image.write_bytes(self.cut_image.read_bytes()[:300])
-        self.other_classes = _folder(tmp / 'other_classes', per_class=(('train', 4),))
-        _folder(tmp / 'other_classes', classes=3, per_class=(('test', 2),))
+        self.other_classes = make_image_folder(tmp / 'other_classes', per_class=(('train', 4),))
+        make_image_folder(tmp / 'other_classes', classes=3, per_class=(('test', 2),))
         (tmp / 'other_classes' / 'test' / 'class2').rename(tmp / 'other_classes' / 'test' / 'zebra')
-        self.tiny = _folder(tmp / 'tiny', size=1)
-        self.loose = _folder(tmp / 'loose', per_class=(('test', 1),))
+        self.tiny = make_image_folder(tmp / 'tiny', size=1)
+        self.loose = make_image_folder(tmp / 'loose', per_class=(('test', 1),))
         Image.new('RGB', (32, 32)).save(self.loose / 'test' / 'stray.png')
         self.junk = tmp / 'junk.pth.tar'
         self.junk.write_bytes(b'not a checkpoint')
@@ -547,7 +538,7 @@ def _state(path: Path) -> Dict[str, torch.Tensor]:
 
 @pytest.fixture(scope='module')
 def kill_data(tmp_path_factory) -> Path:
-    return _folder(tmp_path_factory.mktemp('kill_data'), per_class=(('train', 6), ('test', 2)), seed=3)
+    return make_image_folder(tmp_path_factory.mktemp('kill_data'), per_class=(('train', 6), ('test', 2)), seed=3)
 
 
 @pytest.mark.slow
@@ -682,8 +673,8 @@ def test_publish_to_a_faulty_hub(mode: str, path: str, world: World, hub_env, ca
     assert sorted(p.name for p in staged.iterdir()) == sorted(STAGED_FILES + (STAGING_MARKER,))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(load_model(f'local-dir:{staged}')(x), load_model('sd_resnet20', str(world.run /
-                                                                                              'last.pth.tar'))(x))
+        trained = RunFolder.open(str(world.run / 'last.pth.tar')).model('sd_resnet20')
+        assert torch.equal(load_model(f'local-dir:{staged}')(x), trained(x))
 
 
 DOWNLOAD_FAULTS = [('refuse', '', 'Connection refused'), ('hang', '/resolve/', 'gave no answer in 2 s'),

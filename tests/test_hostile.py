@@ -18,6 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_image_folder
 from hub_server import start_hub, stop_hub
 from sd_zoo.cli import main
 from sd_zoo.loading import load_published
@@ -201,8 +202,7 @@ def test_the_untampered_folder_loads_with_its_own_settings(published: Path):
 
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory) -> Path:
-    from test_faults import _folder
-    root = _folder(tmp_path_factory.mktemp('splits') / 'data')
+    root = make_image_folder(tmp_path_factory.mktemp('splits') / 'data')
     (root / 'to_root').symlink_to(root, target_is_directory=True)  # a split that would hold every split
     (root / 'val').symlink_to(root / 'train', target_is_directory=True)  # the training images again
     return root
@@ -544,16 +544,8 @@ def test_a_cifar_model_trains_with_its_family_augmentation(extra, expected, imag
 def _raw_png_folder(root: Path, size: int = 32, splits=(('train', 3), ('test', 2)), test_size=None) -> Path:
     """Uncompressed PNG images: a file's byte size depends on the image size only, so one can be swapped for
     another of the same size."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(1)
-    for split, n in splits:
-        px = test_size if split == 'test' and test_size else size
-        for c in range(3):
-            (root / split / f'c{c}').mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                arr = (torch.rand(px, px, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'c{c}' / f'{i}.png', compress_level=0)
-    return root
+    return make_image_folder(root, classes=('c0', 'c1', 'c2'), splits=splits, size=size, seed=1,
+                             split_sizes=dict(test=test_size) if test_size else None, compress_level=0)
 
 
 def _decode(root: Path, split: str, caplog):

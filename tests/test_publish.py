@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_image_folder
 from hub_server import start_hub
+from sd_zoo.runs import RunFolder
 from sd_zoo.cli import main
 from sd_zoo.loading import load_model
 from sd_zoo.hub import load_published
@@ -34,15 +36,7 @@ torch.save({k: v.detach() for k, v in out.items()}, sys.argv[2])
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
     """A real one-epoch sd-zoo train run on a small generated image folder (no downloads, no shared data)."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp('data')
-    g = torch.Generator().manual_seed(0)
-    for split, n in (('train', 6), ('test', 2)):
-        for c in range(10):
-            (root / split / f'class{c}').mkdir(parents=True)
-            for i in range(n):
-                arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / f'class{c}' / f'{i}.png')
+    root = make_image_folder(tmp_path_factory.mktemp('data'), splits=(('train', 6), ('test', 2)))
     out = tmp_path_factory.mktemp('runs')
     assert main(['train', '--data-dir', str(root), '--model', 'sd_resnet20', '--epochs', '1', '-b', '16', '-j', '0',
                  '--no-progress', '--cifar-aug', '--train-split', 'train', '--val-split', 'test',
@@ -93,7 +87,7 @@ def test_publish_round_trip_over_http_then_offline(trained_run, tmp_path):
         assert card.startswith('---\nlibrary_name: timm') and 'stochastic depth' in card.lower()
         assert "hf-hub:" + REPO_ID in card and '@inproceedings{huang2016deep' in card
 
-        trained = load_model('sd_resnet20', str(run_dir / 'last.pth.tar'))
+        trained = RunFolder.open(str(run_dir / 'last.pth.tar')).model('sd_resnet20')
         x = torch.randn(3, 3, 32, 32)
         with torch.no_grad():
             expected = trained(x)
@@ -163,7 +157,7 @@ def test_dry_run_and_pre_populated_torch_hub_dir(trained_run, tmp_path):
     assert model.training and rehead.num_classes == 7 and rehead.fc.out_features == 7
     assert torch.equal(rehead.conv1.weight, model.conv1.weight)
     model.eval()
-    ref = load_model('sd_resnet20', str(run_dir / 'last.pth.tar'))
+    ref = RunFolder.open(str(run_dir / 'last.pth.tar')).model('sd_resnet20')
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
@@ -236,7 +230,7 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     base = result['baseline']
     # the twin was validated like the SD model: the same images, its own checkpoint
     assert base['results']['images'] == result['results']['images'] == 20
-    ref = load_model('sd_resnet20', str(out / 'constant' / 'model_best.pth.tar'))
+    ref = RunFolder.open(str(out / 'constant' / 'model_best.pth.tar')).model('sd_resnet20')
     # a default-built model (drop_path_rate 0.5) takes the twin's eval scales (all 1) from its weights
     assert ref.drop_path_rate == 0.5 and all(float(b.eval_scale) == 1.0 for b in ref.layer1)
     assert '## Stochastic depth vs. constant depth' in card and 'Trained on a test machine.' in card
