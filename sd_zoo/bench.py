@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from .engine import autocast, autocast_dtype, default_device
-from .runs import write_atomic
+from .checks import check_at_least, check_output_file, write_atomic
 from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, expected_depth, fold_survival_scale, \
     stochastic_blocks
 
@@ -524,22 +524,14 @@ _AT_LEAST_0 = ('warmup', 'ddp_world_size', 'data_workers', 'data_step_repeats')
 def check_bench_args(args) -> None:
     """Every bad value is an error before anything is measured, not a crash (or a file that cannot be written)
     minutes into the benchmark."""
-    for name in _AT_LEAST_1 + tuple(n for n in ('threads', 'ddp_steps', 'img_size') if getattr(args, n) is not None):
-        if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    for name in _AT_LEAST_0:
-        if getattr(args, name) < 0:
-            raise ValueError(f'--{name.replace("_", "-")} must be at least 0, got {getattr(args, name)}')
+    check_at_least({f'--{n.replace("_", "-")}': getattr(args, n)
+                    for n in _AT_LEAST_1 + ('threads', 'ddp_steps', 'img_size')}, 1)
+    check_at_least({f'--{n.replace("_", "-")}': getattr(args, n) for n in _AT_LEAST_0}, 0)
     if not 0.0 <= args.drop_path < 1.0:
         raise ValueError(f'--drop-path (1 - p_L) must be in [0, 1), got {args.drop_path}')
     if args.model not in timm.list_models('sd_*'):
         raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
-    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else ''
-    if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder)):
-        raise ValueError(f'--json {args.json!r}: ' + ('a folder, not a file' if os.path.isdir(args.json) else
-                                                      f'the folder {folder!r} does not exist'))
-    if args.json and os.path.exists(args.json) and not args.overwrite:
-        raise ValueError(f'--json {args.json!r} exists: name another file, or add --overwrite to replace it')
+    check_output_file('--json', args.json, args.overwrite)
     if not wanted_parts(args):
         raise ValueError('nothing to measure: --skip leaves no part, and no --compile or data set was given')
     _check_input_size(args)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageDataset
 
+from .checks import atomic_path
+
 _logger = logging.getLogger('sd_zoo.data')
 
 TORCH_DATASETS = ('torch/cifar10', 'torch/cifar100', 'torch/svhn')
@@ -455,20 +457,18 @@ def _write_cache(path: str, decoded: DecodedImages, *, root: str, mode: str, fil
     partial file removed by sd-zoo cache --clear) costs the next run a decode, never this run."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    tmp = f'{path}.{os.getpid()}.tmp'
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         counts = torch.bincount(decoded.labels, minlength=len(decoded.classes)).tolist()
-        save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
-                  metadata={'format': str(_CACHE_FORMAT), 'root': os.path.abspath(root),
-                            'classes': json.dumps(decoded.classes), 'mode': mode, 'label_counts': json.dumps(counts),
-                            'files_digest': files_digest, 'images_digest': _tensor_digest(decoded.images)})
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        with atomic_path(path) as tmp:  # a reader never sees half a file; a failed write leaves no partial one
+            save_file({'images': decoded.images, 'labels': decoded.labels}, tmp,
+                      metadata={'format': str(_CACHE_FORMAT), 'root': os.path.abspath(root),
+                                'classes': json.dumps(decoded.classes), 'mode': mode,
+                                'label_counts': json.dumps(counts), 'files_digest': files_digest,
+                                'images_digest': _tensor_digest(decoded.images)})
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         _logger.warning(f'could not cache the decoded images at {path} ({type(e).__name__}: {e}); going on '
                         f'without the cache (set SD_ZOO_CACHE to a writable folder)')
-        if os.path.isfile(tmp):
-            os.unlink(tmp)  # our own partial file
 
 
 def in_memory_reason(*, data_config: Dict[str, Any], training_aug: str) -> Optional[str]:

@@ -8,7 +8,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -17,7 +16,8 @@ import torch
 from .data import DATASET_CHOICES_HELP, LOADERS, DataSource, build_eval_loader, image_mode, resolve_data_config
 from .engine import autocast_dtype, default_device, evaluate
 from .loading import HUB_PREFIX, LOCAL_PREFIX, load_model, load_weights
-from .runs import RunFolder, write_atomic
+from .checks import check_at_least, check_output_file, write_atomic
+from .runs import RunFolder
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
@@ -63,9 +63,8 @@ def validate(model: str, *, checkpoint: str = '', pretrained: bool = False, use_
                         f'{type(model).__name__}')
     check_results_file(results_file, overwrite)
     split = split or ('test' if dataset else 'validation')  # torchvision's data sets have train and test only
-    for name, value, least in (('--batch-size', batch_size, 1), ('--subset', subset, 0), ('--workers', workers, 0)):
-        if value < least:
-            raise ValueError(f'{name} must be at least {least}, got {value}')
+    check_at_least({'--batch-size': batch_size}, 1)
+    check_at_least({'--subset': subset, '--workers': workers}, 0)
     if not (checkpoint or pretrained or model.startswith((HUB_PREFIX, LOCAL_PREFIX))):
         raise ValueError(f'{model}: no weights to evaluate (it would be a random initialisation): give --pretrained, '
                          f'--checkpoint FILE, hf-hub:ORG/NAME or local-dir:PATH')
@@ -119,21 +118,8 @@ def _model_to_evaluate(name: str, run: Optional[RunFolder], pretrained: bool, nu
 
 
 def check_results_file(path: str, overwrite: bool = False) -> None:
-    """Before any evaluation runs: a results file must be .json or .csv, in a folder that exists, and a new
-    file unless ``overwrite``."""
-    if not path:
-        return
-    if not path.endswith(('.json', '.csv')):
-        raise ValueError(f'--results-file {path!r} must end in .json or .csv')
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f'--results-file {path!r} is a folder: give a file name')
-    if not os.path.isdir(folder):
-        raise ValueError(f'--results-file {path!r}: the folder {folder!r} does not exist')
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f'--results-file {path!r}: the folder {folder!r} is not writable')
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f'--results-file {path!r} exists: name another file, or add --overwrite to replace it')
+    """Before any evaluation runs: a results file must be .json or .csv, a new file unless ``overwrite``."""
+    check_output_file('--results-file', path, overwrite, suffixes=('.json', '.csv'))
 
 
 def write_results(path: str, results: Dict[str, Any]) -> None:

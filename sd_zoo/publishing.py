@@ -482,9 +482,10 @@ def check_private_target(repo_id: str, token: Optional[str]) -> None:
 
 def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optional[str] = None,
          commit_message: Optional[str] = None, token: Optional[str] = None) -> str:
-    """Upload the staged folder in one commit; returns the commit URL. The staged files are not touched. A Hub
-    that refuses, drops the connection or stays silent fails within SD_ZOO_HUB_TIMEOUT seconds (sd_zoo.network)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Upload the staged folder in one commit (huggingface_hub's upload_folder); returns the commit URL. The staged
+    files are not touched. A Hub that refuses, drops the connection or stays silent fails within
+    SD_ZOO_HUB_TIMEOUT seconds (sd_zoo.network)."""
+    from huggingface_hub import HfApi
     from .network import bounded_hub
     api = HfApi(token=token)
     with bounded_hub():
@@ -493,9 +494,8 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-               for p in sorted(Path(staged_dir).iterdir()) if p.is_file() and p.name != STAGING_MARKER]
-        info = api.create_commit(repo_id, operations=ops, revision=revision,
+        info = api.upload_folder(repo_id=repo_id, folder_path=staged_dir, revision=revision,
+                                 ignore_patterns=[STAGING_MARKER],
                                  commit_message=commit_message or f'Publish {repo_id} with sd-zoo')
     return info.commit_url
 

@@ -1,5 +1,6 @@
-"""The run-folder contract: what ``sd-zoo train`` (and timm's train.py) leave in an output folder, and the
-one function that rebuilds a run's model from it.
+"""The run-folder contract: what ``sd-zoo train`` (and timm's train.py) leave in an output folder, owned by one
+object, :class:`RunFolder` (the training process writes it through it; validate and publish read it through it),
+and :func:`create_run_model`, the one place a run's model is built from its arguments.
 
 A run folder holds ``args.yaml`` (the training arguments), ``summary.csv`` (timm's columns), ``epochs.csv``
 (sd-zoo's wall-clock seconds, images/s and active blocks per epoch), ``last.pth.tar`` and
@@ -15,19 +16,25 @@ import csv
 import json
 import logging
 import os
+import re
 import statistics
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
 
+from .checkpoints import AtomicCheckpointSaver, read_checkpoint_metadata
+from .checks import write_atomic
+from .data import TORCH_DATASETS
 from .published import check_run_model_args
 
 __all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
-           'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'write_atomic', 'training_times']
+           'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
 EPOCH_RECORD = 'last_epoch.json'
@@ -137,6 +144,278 @@ class RunFolder:
                              f'pass --model')
         return name
 
+    # -- the training side: one process writes the folder (see the module docstring for the order of files)
+
+    @classmethod
+    def for_training(cls, *, output: str, experiment: str, model: str, resume: str) -> 'RunFolder':
+        """--output/--experiment; a resume without --experiment continues the run in the checkpoint's folder
+        (unless --output names another parent folder), so the same command plus --resume continues the run."""
+        run_dir = os.path.dirname(os.path.abspath(resume)) if resume else ''
+        if run_dir and not experiment and (not output or os.path.abspath(output) == os.path.dirname(run_dir)):
+            return cls(Path(run_dir), args={})
+        name = experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), model.replace('/', '_')])
+        return cls(Path(output or os.path.join('.', 'output', 'train')) / name, args={})
+
+    def holds(self, checkpoint: str) -> bool:
+        return bool(checkpoint) and os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(self.path)
+
+    def hold(self, resume: str) -> None:
+        """The folder, checked and held for this process: a reused folder is an error, not an overwrite, and a
+        folder another run is writing is an error, not a second writer. Before any work."""
+        self.check_writable(resume)  # first: a refused folder is not made
+        self._lock = RunFolderLock(str(self.path))
+        try:
+            self.check_writable(resume)  # again, held: another run may have written there meanwhile
+        except BaseException:
+            self.release(remove_unused=True)
+            raise
+
+    def release(self, remove_unused: bool = False) -> None:
+        """Let the folder go; with ``remove_unused``, a folder this run made and never wrote to goes too."""
+        lock, self._lock = getattr(self, '_lock', None), None
+        if lock is not None:
+            lock.release(remove_folder=remove_unused)
+
+    def check_writable(self, resume: str) -> None:
+        """A run writes only into a new folder, or into its own when it resumes from it: another run's args.yaml,
+        logs and checkpoints are never overwritten nor mixed with this run's."""
+        existing = os.path.abspath(self.path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f'the output folder {str(self.path)!r} cannot be made: {existing!r} is a file')
+        if not self.path.is_dir() or self.holds(resume):
+            return
+        held = sorted(n for n in os.listdir(self.path) if n in RUN_FILES or NUMBERED.fullmatch(n))
+        if held:
+            shown = ', '.join(held[:4]) + (', ...' if len(held) > 4 else '')
+            raise ValueError(f'the output folder {str(self.path)!r} already holds a run ({shown}): '
+                             f'{_resume_hint(str(self.path))}, or give another --experiment / --output')
+
+    def read_resume(self, resume: str, *, need_optimizer: bool = True) -> 'ResumePoint':
+        """--resume read once (its entries, tensors memory-mapped): an error unless it is a training checkpoint."""
+        if not os.path.isfile(resume):
+            raise ValueError(f'--resume {resume!r}: no such checkpoint file{_left_behind(resume)}')
+        try:
+            meta = read_checkpoint_metadata(resume)
+        except Exception as e:  # a foreign or damaged file
+            raise ValueError(cannot_resume(resume, e) + _intact_checkpoint(resume)) from e
+        meta = meta if isinstance(meta, dict) else {}
+        missing = [name for name, present in (
+            ('epoch', isinstance(meta.get('epoch'), int)), ('state_dict', 'state_dict' in meta or 'model' in meta),
+            ('optimizer', 'optimizer' in meta or not need_optimizer)) if not present]
+        if missing:
+            raise ValueError(f'--resume {resume!r} is not a training checkpoint (it has no {", ".join(missing)}): '
+                             f'--resume continues a run from its epoch and optimizer state; to start a new run '
+                             f'from these weights give --initial-checkpoint {resume}')
+        return ResumePoint(path=resume, meta=meta, in_place=self.holds(resume))
+
+    def check_resume(self, point: 'ResumePoint', now: Dict[str, Any], start_epoch: Optional[int]) -> None:
+        """A --resume continues its run as it was: the run's arguments (``now``: this command's, resolved), and
+        in the run's own folder its record, none of its later epochs dropped, no --start-epoch."""
+        check_same_experiment(point.path, RunFolder(Path(point.path).parent).args, now)
+        if not point.in_place:
+            return
+        self._check_record(point.epoch)
+        self._check_no_later_epochs(point)
+        if start_epoch is not None:
+            raise ValueError(f"--start-epoch with --resume in the run's own folder would repeat or skip log rows: "
+                             f"the run continues after its checkpoint's epoch {point.epoch}; drop --start-epoch "
+                             f"(or add --experiment NAME to start at another epoch in a new folder)")
+
+    def _check_record(self, epoch: int) -> None:
+        """A run continued in its folder keeps its record: without args.yaml the run's arguments (and so the
+        checks above) are gone, without summary.csv the rows of its epochs; neither is made up from this command.
+        The one summary.csv that can be proven is epoch 0's alone, from the record written before its checkpoint."""
+        missing = [n for n in ('args.yaml', 'summary.csv') if not (self.path / n).is_file()]
+        record = read_epoch_record(str(self.path))
+        if 'summary.csv' in missing and epoch == 0 and record is not None and record['epoch'] == 0:
+            missing.remove('summary.csv')  # a stop before epoch 0's rows: its record beside the checkpoint has them
+        if missing:
+            raise ValueError(f'the run folder {str(self.path)!r} has lost its {" and ".join(missing)}: the record of '
+                             f'epochs 0-{epoch} cannot be continued there; restore '
+                             f'{"them" if len(missing) > 1 else "it"}, or continue the checkpoint in a new folder '
+                             f'with --experiment NAME')
+
+    def _check_no_later_epochs(self, point: 'ResumePoint') -> None:
+        """A resume in its own folder from a checkpoint older than the folder's last.pth.tar would replace the
+        later epochs (their log rows, last and best checkpoints): an error that says which, and how to keep them."""
+        last = self.path / 'last.pth.tar'
+        try:
+            last_epoch = -1 if os.path.samefile(last, point.path) else read_checkpoint_metadata(str(last))['epoch']
+        except Exception:  # no last.pth.tar, or a damaged one: the older checkpoint is what is left to resume
+            return
+        if last_epoch > point.epoch:
+            dropped = f'epoch {last_epoch}' if last_epoch == point.epoch + 1 else f'epochs {point.epoch + 1}-{last_epoch}'
+            raise ValueError(f'--resume {point.path!r} is epoch {point.epoch} but the run\'s last.pth.tar is epoch '
+                             f'{last_epoch}: resuming in the run\'s folder would drop {dropped} (log rows, '
+                             f'checkpoints, best model); resume {last} to continue the run, or add --experiment NAME '
+                             f'to continue after epoch {point.epoch} in a new folder')
+
+    def start(self, args, resume: Optional['ResumePoint'], saver: AtomicCheckpointSaver) -> AtomicCheckpointSaver:
+        """args.yaml written, a resumed run's logs made to end at its checkpoint's epoch (no row of an epoch that
+        will run again, none lost) and its checkpoint bookkeeping restored; returns the saver."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(str(self.path / 'args.yaml'), yaml.safe_dump(args))
+        if resume is not None and resume.in_place:
+            reconcile_logs(str(self.path), resume.epoch)
+            if 'saver' in resume.meta:
+                saver.load_state_dict(resume.meta['saver'])
+        return saver
+
+    def save_epoch(self, saver: AtomicCheckpointSaver, record: Dict[str, Any], metric: Optional[float]) -> None:
+        """Checkpoint first, then the log rows: a kill in between loses no row (the record beside the checkpoint
+        restores it on resume) and a kill before the checkpoint leaves no row to duplicate."""
+        write_epoch_record(str(self.path), record)
+        saver.save_checkpoint(record['epoch'], metric=metric)
+        self.append_rows(record)
+
+    def append_rows(self, record: Dict[str, Any]) -> None:
+        append_log_rows(str(self.path), record)
+
+    def write_results(self, results: Dict[str, Any]) -> None:
+        write_atomic(str(self.path / 'results.json'), json.dumps(results, indent=2))
+
+    def best_or_last(self) -> str:
+        best = self.path / 'model_best.pth.tar'
+        return str(best if best.exists() else self.path / 'last.pth.tar')
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A --resume checkpoint, read once: its entries (tensors memory-mapped) and whether it is in the run's
+    own folder."""
+    path: str
+    meta: Dict[str, Any]
+    in_place: bool
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta['epoch'])
+
+    @property
+    def start_epoch(self) -> int:
+        return epochs_done(self.meta)
+
+
+# the files a run writes into its folder: a new run never writes into a folder that holds any of them
+RUN_FILES = ('args.yaml', 'summary.csv', 'epochs.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar',
+             'tmp.pth.tar', EPOCH_RECORD)
+NUMBERED = re.compile(r'checkpoint-(\d+)\.pth\.tar')
+
+
+def _numbered_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """(epoch, name) of the checkpoint-N.pth.tar files in ``folder``, newest first."""
+    return sorted(((int(m.group(1)), n) for n in os.listdir(folder) if (m := NUMBERED.fullmatch(n))), reverse=True)
+
+
+def _resume_hint(folder: str) -> str:
+    last, numbered = os.path.join(folder, 'last.pth.tar'), _numbered_checkpoints(folder)
+    if os.path.isfile(last):
+        return f'resume it with --resume {last}'
+    if numbered:
+        return f'resume it with --resume {os.path.join(folder, numbered[0][1])}'
+    return 'it stopped before its first checkpoint, so there is nothing to resume'
+
+
+def _left_behind(resume: str) -> str:
+    """What an interrupted run left in the folder of a missing --resume file, for the error message."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    if not os.path.isdir(folder):
+        return ''
+    numbered = _numbered_checkpoints(folder)
+    if os.path.isfile(os.path.join(folder, 'last.pth.tar')):
+        return f' (the run\'s latest checkpoint is {os.path.join(folder, "last.pth.tar")})'
+    if numbered:
+        return (f'; the newest checkpoint in {folder!r} is {numbered[0][1]} (epoch {numbered[0][0]}): resume from '
+                f'{os.path.join(folder, numbered[0][1])}')
+    if os.path.isfile(os.path.join(folder, 'tmp.pth.tar')):
+        return (f'; {folder!r} holds only tmp.pth.tar, the interrupted first save of the run (maybe incomplete), so '
+                f'no epoch finished: start the run again with another --experiment (or delete the folder)')
+    return f'; {folder!r} holds no checkpoint'
+
+
+def _intact_checkpoint(damaged: str) -> str:
+    """The newest numbered checkpoint beside a damaged one that reads as a training checkpoint, for the error
+    message ('' when there is none)."""
+    folder = os.path.dirname(os.path.abspath(damaged))
+    for epoch, name in _numbered_checkpoints(folder) if os.path.isdir(folder) else ():
+        path = os.path.join(folder, name)
+        if os.path.samefile(path, damaged):
+            continue
+        try:
+            if isinstance(read_checkpoint_metadata(path).get('epoch'), int):
+                return f'; the newest intact checkpoint of the run is {path} (epoch {epoch}): resume from it'
+        except Exception:  # damaged too: try an older one
+            continue
+    return ''
+
+
+def cannot_resume(path: str, error: Exception) -> str:
+    return (f'cannot resume from {path!r} ({type(error).__name__}: '
+            f'{str(error).splitlines()[0][:200] if str(error) else ""}); it must be a checkpoint of this model '
+            f'and optimizer (last.pth.tar of the run)')
+
+
+# The arguments that make a run's experiment, compared on resume with the run's args.yaml: the model, its
+# optimizer and schedule (a changed --opt or --lr would be half undone by the optimizer state that comes back),
+# the batch per update (gates and schedule count steps), augmentation, and the data and its split (a changed
+# --seed or --val-holdout would move held-out images into training). Free to change on resume: --epochs (to
+# train on), where and how the run is written and logged, how it runs (device, workers, --loader, --amp,
+# --torchcompile, --channels-last, grad checkpointing), --model-ema and its decay (an EMA may start at a
+# resume), the weights a resume replaces (--pretrained, --initial-checkpoint), and --start-epoch (checked apart).
+SAME_ON_RESUME = (
+    'model', 'model_kwargs', 'drop', 'drop_path', 'num_classes', 'in_chans', 'gp', 'img_size',
+    'opt', 'opt_eps', 'opt_betas', 'opt_kwargs', 'momentum', 'weight_decay', 'lr', 'layer_decay', 'clip_grad',
+    'clip_mode', 'sched', 'sched_on_updates', 'warmup_lr', 'min_lr', 'decay_milestones', 'decay_epochs',
+    'warmup_epochs', 'warmup_prefix', 'cooldown_epochs', 'patience_epochs', 'decay_rate', 'eval_metric',
+    'batch_size', 'grad_accum_steps', 'cifar_aug', 'no_aug', 'hflip', 'scale', 'ratio', 'mixup', 'cutmix',
+    'smoothing', 'mean', 'std', 'interpolation', 'input_img_mode',
+    'dataset', 'data_dir', 'train_split', 'val_split', 'test_split', 'val_holdout', 'train_subset', 'val_subset',
+    'seed')
+
+
+def test_split_of(values: Dict[str, Any]) -> Optional[str]:
+    """The split a run reports at its best validation epoch: --test-split; else, with --val-holdout (the paper's
+    protocol), the --val-split, or 'test' for a torchvision data set (train and test are all it has)."""
+    if values.get('test_split'):
+        return values['test_split']
+    if not values.get('val_holdout'):
+        return None
+    return 'test' if values.get('dataset') in TORCH_DATASETS else values.get('val_split')
+
+
+def check_same_experiment(resume: str, stored: Dict[str, Any], now: Dict[str, Any]) -> None:
+    """The SAME_ON_RESUME arguments of this command must be those of the run's args.yaml (beside the
+    checkpoint); a foreign checkpoint without one is not checked."""
+    stored, now = experiment_values(stored), experiment_values(now)
+    # a value the run left unset (None: the model's classes, timm train.py's lr from --lr-base) is not compared
+    differ = [f'--{k.replace("_", "-")} {_shown(v)} (now {_shown(now[k])})' for k, v in stored.items()
+              if v is not None and v != now[k]]
+    if differ:
+        raise ValueError(f'--resume {resume!r} continues a run with other arguments (its args.yaml): '
+                         f'{", ".join(differ)}; give the run\'s values to continue it, or --initial-checkpoint '
+                         f'{resume} to start a new run from its weights')
+
+
+def experiment_values(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The SAME_ON_RESUME values a run used (those it has), as comparable as arguments allow: lists for tuples,
+    the test split that --val-holdout defaults to spelt out, the data folder by its name (it may move)."""
+    out = {k: list(values[k]) if isinstance(values[k], tuple) else values[k] for k in SAME_ON_RESUME if k in values}
+    if 'test_split' in out:
+        out['test_split'] = test_split_of(values)
+    if values.get('dataset') in TORCH_DATASETS and 'val_split' in out:  # train and test only: what it meant
+        out['val_split'] = None if values.get('val_holdout') else \
+            'test' if out['val_split'] in ('validation', 'val', 'eval', 'evaluation') else out['val_split']
+    if out.get('data_dir'):
+        out['data_dir'] = os.path.basename(os.path.normpath(out['data_dir']))
+    return out
+
+
+def _shown(value: Any) -> str:
+    return ' '.join(map(str, value)) if isinstance(value, list) else repr(value) if isinstance(value, str) \
+        else str(value)
+
 
 def _read_args(folder: Path) -> Dict[str, Any]:
     """args.yaml of a run folder as a mapping ({} when there is none); anything else is an error."""
@@ -227,17 +506,6 @@ def append_epoch_row(path: str, epoch: int, stats: Dict[str, float], eval_metric
         if new:
             w.writeheader()
         w.writerow(row)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename: a reader (or a resume) sees the old file or the
-    new one, never half of one."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', newline='') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def append_log_rows(output_dir: str, record: Dict[str, Any], only: Sequence[str] = LOG_FILES) -> None:

@@ -61,7 +61,7 @@ def hub_env(monkeypatch, tmp_path):
 
 
 def make_image_folder(root: Path, classes=10, splits=(('train', 4), ('test', 2)), size: int = 32, seed: int = 0,
-                      suffix: str = '.png', split_sizes=None, **save_kwargs) -> Path:
+                      suffix: str = '.png', split_sizes=None, compress_level=None) -> Path:
     """An image folder of random RGB images: ``root/SPLIT/CLASS/i.png``. ``classes`` is a count (class0,
     class1, ...) or the class names; ``split_sizes`` gives a split other images' size."""
     from PIL import Image
@@ -73,7 +73,8 @@ def make_image_folder(root: Path, classes=10, splits=(('train', 4), ('test', 2))
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 arr = (torch.rand(px, px, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / split / name / f'{i}{suffix}', **save_kwargs)
+                Image.fromarray(arr).save(root / split / name / f'{i}{suffix}',
+                                          **({} if compress_level is None else dict(compress_level=compress_level)))
     return root
 
 

@@ -45,11 +45,11 @@ class World:
         self.truncated = make_image_folder(tmp / 'truncated')
         self.cut_image = self.truncated / 'train' / 'class5' / '2.png'
         self.cut_image.write_bytes(self.cut_image.read_bytes()[:300])
-        self.other_classes = make_image_folder(tmp / 'other_classes', per_class=(('train', 4),))
-        make_image_folder(tmp / 'other_classes', classes=3, per_class=(('test', 2),))
+        self.other_classes = make_image_folder(tmp / 'other_classes', splits=(('train', 4),))
+        make_image_folder(tmp / 'other_classes', classes=3, splits=(('test', 2),))
         (tmp / 'other_classes' / 'test' / 'class2').rename(tmp / 'other_classes' / 'test' / 'zebra')
         self.tiny = make_image_folder(tmp / 'tiny', size=1)
-        self.loose = make_image_folder(tmp / 'loose', per_class=(('test', 1),))
+        self.loose = make_image_folder(tmp / 'loose', splits=(('test', 1),))
         Image.new('RGB', (32, 32)).save(self.loose / 'test' / 'stray.png')
         self.junk = tmp / 'junk.pth.tar'
         self.junk.write_bytes(b'not a checkpoint')
@@ -493,15 +493,16 @@ def _rows(path: Path) -> List[Dict[str, str]]:
 
 def _env(**extra) -> Dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    env.pop('SD_ZOO_TEST_SLOW_SAVE', None)
     env.update(extra)
     return env
 
 
 def _run_until(cmd: List[str], marker: str, timeout: float = 300) -> str:
-    """Start ``cmd``, SIGKILL it the moment ``marker`` appears in its output; returns that output."""
+    """Start ``cmd`` with a pause at each point of an epoch's save (tests/slow_save.py), SIGKILL it the moment
+    ``marker`` appears in its output; returns that output."""
+    cmd = [sys.executable, str(ROOT / 'tests' / 'slow_save.py'), *cmd[3:]]  # cmd: python -m sd_zoo.cli ...
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=_env(SD_ZOO_TEST_SLOW_SAVE='3'))
+                            env=_env())
     seen = []
     deadline = time.monotonic() + timeout
     try:
@@ -538,7 +539,7 @@ def _state(path: Path) -> Dict[str, torch.Tensor]:
 
 @pytest.fixture(scope='module')
 def kill_data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('kill_data'), per_class=(('train', 6), ('test', 2)), seed=3)
+    return make_image_folder(tmp_path_factory.mktemp('kill_data'), splits=(('train', 6), ('test', 2)), seed=3)
 
 
 @pytest.mark.slow
@@ -557,11 +558,11 @@ def test_kills_at_many_points_lose_and_repeat_nothing(kill_data: Path, tmp_path:
     run = out / 'killed'
     resume = [*_train_cmd(kill_data, out, '--experiment', 'killed'), '--resume', str(run / 'last.pth.tar')]
     kill_points = [  # (where the run is killed, the checkpoint's epoch and the logged epochs right after)
-        ('SD_ZOO_TEST_SLOW_SAVE checkpoint-saved epoch 0', 0, []),  # checkpoint in place, its rows not written
+        ('SLOW_SAVE checkpoint-saved epoch 0', 0, []),  # checkpoint in place, its rows not written
         ('epoch 1 [2/3]', 0, [0]),  # in the middle of an epoch (the resume restored row 0 first)
-        ('SD_ZOO_TEST_SLOW_SAVE checkpoint-written epoch 1', 0, [0]),  # complete in tmp.pth.tar, not in place
-        ('SD_ZOO_TEST_SLOW_SAVE checkpoint-written epoch 2', 1, [0, 1]),
-        ('SD_ZOO_TEST_SLOW_SAVE logs-written epoch 2', 2, [0, 1, 2]),  # all rows, no results.json yet
+        ('SLOW_SAVE checkpoint-written epoch 1', 0, [0]),  # complete in tmp.pth.tar, not in place
+        ('SLOW_SAVE checkpoint-written epoch 2', 1, [0, 1]),
+        ('SLOW_SAVE logs-written epoch 2', 2, [0, 1, 2]),  # all rows, no results.json yet
     ]
     survived = 0
     for i, (marker, checkpoint_epoch, logged) in enumerate(kill_points):
@@ -590,7 +591,7 @@ def test_kills_at_many_points_lose_and_repeat_nothing(kill_data: Path, tmp_path:
 def test_kill_in_the_first_save_leaves_a_resume_error_that_says_what_is_left(kill_data: Path, tmp_path: Path,
                                                                               capsys):
     out = tmp_path / 'runs'
-    _run_until(_train_cmd(kill_data, out, '--experiment', 'first'), 'SD_ZOO_TEST_SLOW_SAVE checkpoint-written epoch 0')
+    _run_until(_train_cmd(kill_data, out, '--experiment', 'first'), 'SLOW_SAVE checkpoint-written epoch 0')
     run = out / 'first'
     assert not (run / 'last.pth.tar').exists() and (run / 'tmp.pth.tar').exists()
     rc, err = run_cli(['train', '--data-dir', str(kill_data), *KILL_ARGS, '--resume', str(run / 'last.pth.tar')],

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / 'sd_zoo'
 LEVEL = {'stochastic_depth': 0, 'models': 1,
          'data': 2, 'engine': 2, 'runs': 2, 'loading': 2, 'published': 2, 'card': 2, 'network': 2, 'cache': 2,
-         'hub': 2, 'recipes': 2,
+         'hub': 2, 'recipes': 2, 'checkpoints': 2, 'train_args': 2, 'checks': 2,
          'training': 3, 'evaluation': 3, 'publishing': 3, 'bench': 3, 'bench_data': 3, 'cli': 4}
 
 

@@ -122,7 +122,7 @@ def test_torchrun_two_processes(cifar10_dir, tmp_path):
 
 
 def test_recipes_are_train_py_configs():
-    import sd_zoo.training as training
+    import sd_zoo.train_args as training
     parser = training.build_train_parser()
     recipes = sorted(RECIPES.glob('*.yaml'))
     assert len(recipes) >= 10
@@ -200,21 +200,22 @@ def test_resume_compares_what_the_arguments_meant(tmp_path):
     """An older torchvision run whose default --val-split validation meant test continues with --val-split
     test; with --val-holdout a torchvision run reports 'test'; a value the run left unset (timm train.py's
     lr: None) is not compared."""
-    import sd_zoo.training as training
+    from sd_zoo.runs import check_same_experiment, experiment_values, test_split_of
+    from sd_zoo.train_args import parse_train_args
     old = dict(dataset='torch/cifar10', val_split='validation', val_holdout=0, test_split=None, lr=None)
     now = dict(old, val_split='test', lr=0.1)
-    assert training._experiment_values(old)['val_split'] == training._experiment_values(now)['val_split'] == 'test'
+    assert experiment_values(old)['val_split'] == experiment_values(now)['val_split'] == 'test'
     held_out = dict(old, val_holdout=5000)
-    assert training.test_split_of(held_out) == 'test' and training._experiment_values(held_out)['val_split'] is None
-    assert training.test_split_of(dict(dataset='', val_split='val', val_holdout=10, test_split=None)) == 'val'
-    assert training.test_split_of(dict(old, test_split='extra')) == 'extra' and training.test_split_of(old) is None
+    assert test_split_of(held_out) == 'test' and experiment_values(held_out)['val_split'] is None
+    assert test_split_of(dict(dataset='', val_split='val', val_holdout=10, test_split=None)) == 'val'
+    assert test_split_of(dict(old, test_split='extra')) == 'extra' and test_split_of(old) is None
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(old, model='sd_resnet20', seed=42)))
     (run / 'last.pth.tar').write_bytes(b'')  # only its folder's args.yaml is read here
-    args = training.parse_train_args(['--model', 'sd_resnet20', '--dataset', 'torch/cifar10', '--val-split', 'test',
-                                      '--lr', '0.1', '--resume', str(run / 'last.pth.tar')])
-    training._check_same_experiment(args)  # no error: the same run
-    args.seed = 1
+    args = parse_train_args(['--model', 'sd_resnet20', '--dataset', 'torch/cifar10', '--val-split', 'test',
+                             '--lr', '0.1', '--resume', str(run / 'last.pth.tar')])
+    stored = yaml.safe_load((run / 'args.yaml').read_text())
+    check_same_experiment(args.resume, stored, vars(args))  # no error: the same run
     with pytest.raises(ValueError, match=r'--seed 42 \(now 1\)'):
-        training._check_same_experiment(args)
+        check_same_experiment(args.resume, stored, dict(vars(args), seed=1))

@@ -1,0 +1,141 @@
+"""Training checkpoints in timm's files and keys, each put in place by one atomic rename.
+
+Why our own saver: timm's CheckpointSaver unlinks ``last.pth.tar`` (``model_best``, ``checkpoint-N``) before it
+moves the new file there, so a kill in between leaves none. This one writes the same files with the same entries
+(``epoch``, ``arch``, ``args``, ``optimizer``, the task's ``state_dict``/``state_dict_ema``, ``metric``, and the
+``saver`` bookkeeping timm's CheckpointSaver resumes from), through timm's public API only, and a file is always
+the old one or the new, complete one.
+"""
+import logging
+import operator
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ['AtomicCheckpointSaver', 'read_checkpoint_metadata']
+
+_logger = logging.getLogger('sd_zoo.train')
+LAST, BEST, TMP = 'last.pth.tar', 'model_best.pth.tar', 'tmp.pth.tar'
+
+
+def read_checkpoint_metadata(path: str) -> Dict[str, Any]:
+    """A training checkpoint's entries, weights_only (timm's allow-list), tensors memory-mapped."""
+    from timm.utils import load_checkpoint_metadata
+    return load_checkpoint_metadata(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+class AtomicCheckpointSaver:
+    """``last.pth.tar`` every epoch; ``checkpoint-N.pth.tar`` for the ``max_history`` best epochs by the metric
+    (newest first without one) and ``model_best.pth.tar``, ranked as timm's CheckpointSaver ranks them."""
+
+    def __init__(self, folder: Path, *, task, optimizer, args, loss_scaler=None, decreasing: bool = False,
+                 max_history: int = 10):
+        self.folder, self.task, self.optimizer, self.args, self.loss_scaler = Path(folder), task, optimizer, args, \
+            loss_scaler
+        self.better = operator.lt if decreasing else operator.gt
+        self.decreasing, self.max_history = decreasing, max_history
+        self.files: List[Tuple[str, Optional[float]]] = []  # (name, metric): ranked best first, then newest first
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
+
+    # -- timm's bookkeeping format (a run resumes with either saver)
+    def state_dict(self, epoch: Optional[int] = None, metric: Optional[float] = None) -> Dict[str, Any]:
+        return dict(checkpoint_files=list(self.files), best_epoch=self.best_epoch, best_metric=self.best_metric,
+                    pending=(epoch, metric))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """The bookkeeping of the checkpoint a run resumes from; files since removed are dropped, and the
+        checkpoint's own numbered copy (made right after it was written) is tracked."""
+        self.files = [(os.path.basename(f), m) for f, m in state.get('checkpoint_files', [])
+                      if (self.folder / os.path.basename(f)).exists()]
+        self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
+        epoch, metric = state.get('pending', (None, None))
+        if epoch is not None and (self.folder / self._numbered(epoch)).exists() and \
+                self._numbered(epoch) not in [f for f, _ in self.files]:
+            self._track(epoch, metric, update_best_file=False)
+        self.repair_best()
+
+    # -- saving
+    def save_checkpoint(self, epoch: int, metric: Optional[float] = None) -> None:
+        tmp, last = self.folder / TMP, self.folder / LAST
+        torch.save(self._checkpoint_state(epoch, metric), tmp)
+        self.written(tmp, epoch)
+        os.replace(tmp, last)
+        worst = self.files[-1] if self.files else None
+        if len(self.files) < self.max_history or worst[1] is None or \
+                (metric is not None and self.better(metric, worst[1])):
+            for name, _ in self.files[self.max_history - 1:]:
+                (self.folder / name).unlink(missing_ok=True)
+            self.files = self.files[:self.max_history - 1]
+            self._duplicate(last, self.folder / self._numbered(epoch))
+            self._track(epoch, metric)
+
+    def written(self, path: Path, epoch: int) -> None:
+        """The checkpoint is complete on disk (in tmp.pth.tar), not yet in place."""
+        _fsync(path)
+
+    def _checkpoint_state(self, epoch: int, metric: Optional[float]) -> Dict[str, Any]:
+        from timm.utils import unwrap_model
+        state: Dict[str, Any] = dict(epoch=epoch, arch=self.args.model, args=self.args, version=2,
+                                     optimizer=self.optimizer.state_dict())
+        if self.loss_scaler is not None:
+            state[self.loss_scaler.state_dict_key] = self.loss_scaler.state_dict()
+        state.update(self.task.get_checkpoint_state(unwrap_fn=unwrap_model))
+        state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=unwrap_model))
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(epoch, metric)
+        return state
+
+    def _track(self, epoch: int, metric: Optional[float], update_best_file: bool = True) -> None:
+        ranked = sorted([f for f in self.files if f[1] is not None] + ([(self._numbered(epoch), metric)]
+                        if metric is not None else []), key=lambda f: f[1], reverse=not self.decreasing)
+        unranked = ([(self._numbered(epoch), None)] if metric is None else []) + \
+            [f for f in self.files if f[1] is None]
+        self.files = ranked + unranked
+        if metric is not None and (self.best_metric is None or self.better(metric, self.best_metric)):
+            self.best_epoch, self.best_metric = epoch, metric
+            if update_best_file:
+                self._duplicate(self.folder / LAST, self.folder / BEST)
+
+    def repair_best(self) -> None:
+        """A kill between a checkpoint and its model_best copy leaves model_best one best epoch behind the
+        bookkeeping: copy the best epoch's checkpoint there again."""
+        best = self.folder / BEST
+        if self.best_epoch is None or _epoch_of(best) == self.best_epoch:
+            return
+        for name in (self._numbered(self.best_epoch), LAST):
+            if _epoch_of(self.folder / name) == self.best_epoch:
+                _logger.warning(f'{BEST} was not epoch {self.best_epoch}\'s (an interrupted save): copied {name} there')
+                self._duplicate(self.folder / name, best)
+                return
+
+    @staticmethod
+    def _numbered(epoch: int) -> str:
+        return f'checkpoint-{epoch}.pth.tar'
+
+    @staticmethod
+    def _duplicate(src: Path, dst: Path) -> None:
+        """``dst`` becomes a hard link to (or a copy of) ``src`` by one rename: never absent, never partial."""
+        tmp = dst.with_name(dst.name + '.tmp')
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _epoch_of(path: Path) -> Optional[int]:
+    try:
+        return read_checkpoint_metadata(str(path)).get('epoch') if path.is_file() else None
+    except Exception:  # an unreadable file is not that epoch's
+        return None
