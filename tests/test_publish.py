@@ -231,8 +231,8 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     # the twin was validated like the SD model: the same images, its own checkpoint
     assert base['results']['images'] == result['results']['images'] == 20
     ref = RunFolder.open(str(out / 'constant' / 'model_best.pth.tar')).model('sd_resnet20')
-    # a default-built model (drop_path_rate 0.5) takes the twin's eval scales (all 1) from its weights
-    assert ref.drop_path_rate == 0.5 and all(float(b.eval_scale) == 1.0 for b in ref.layer1)
+    # the twin is rebuilt as it trained (constant depth), its eval scales all 1
+    assert ref.drop_path_rate == 0.0 and all(float(b.eval_scale) == 1.0 for b in ref.layer1)
     assert '## Stochastic depth vs. constant depth' in card and 'Trained on a test machine.' in card
     assert f'| test top-1 | {result["results"]["top1"]:.2f} | {base["results"]["top1"]:.2f} |' in card
     assert 'the same recipe except drop_path, and validated' in card
