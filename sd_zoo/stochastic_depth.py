@@ -474,7 +474,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
         if fn is None:
             fn = _compiled_branches[(cls, key)] = torch.compile(cls.branch, **compile_kwargs)
         block.branch = fn.__get__(block)
-        _compiled_shapes.setdefault(cls, set()).add(tuple(tuple(p.shape) for p in block.parameters()))
+        _compiled_shapes.setdefault(cls, set()).add(  # a gate of a ViT / ConvNeXt branch: its branch's shapes
+            (getattr(block, 'branch_fn', None),) + tuple(tuple(p.shape) for p in block.branch_parameters()))
     _raise_recompile_limit()
     return model
 

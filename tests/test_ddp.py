@@ -28,6 +28,10 @@ def _build(kind: str):
     if kind == 'converted_resnet18':  # sd_zoo.add_stochastic_depth on timm's own resnet18
         return sd_zoo.add_stochastic_depth(timm.create_model('resnet18', num_classes=10), drop_path_rate=0.5,
                                            sd_seed=7, sd_granularity=granularity)
+    if kind == 'converted_vit':  # timm's ViT built with drop_path_rate, its per-block rates kept
+        return sd_zoo.add_stochastic_depth(
+            timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=16, patch_size=4, depth=4,
+                              drop_path_rate=0.6), sd_seed=7, sd_granularity=granularity)
     return timm.create_model(kind, drop_path_rate=0.5, sd_seed=7, sd_granularity=granularity)
 
 
@@ -51,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, kind: str) -> N
             opt.zero_grad()
             loss.backward()
             opt.step()
-            gates.append([b.last_gate for b in sd_zoo.stochastic_blocks(model)])
+            gates.append([bool(b.last_gate) for b in sd_zoo.stochastic_blocks(model)])
             keeps.append([None if b.last_keep is None else b.last_keep.tolist()
                           for b in sd_zoo.stochastic_blocks(model)])
         torch.save({'gates': gates, 'keeps': keeps,
@@ -62,7 +66,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, kind: str) -> N
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize('kind', ['sd_resnet20', 'converted_resnet18', 'sd_resnet20_subset'])
+@pytest.mark.parametrize('kind', ['sd_resnet20', 'converted_resnet18', 'sd_resnet20_subset', 'converted_vit',
+                                  'converted_vit_subset'])
 def test_ddp_two_ranks_identical_gates_and_weights(tmp_path, kind):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2, join=True)
     r0 = torch.load(tmp_path / 'rank0.pt')

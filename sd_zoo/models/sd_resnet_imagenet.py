@@ -10,7 +10,7 @@ initialisation (they evaluate unscaled), and every timm ResNet feature works unc
 resnext*, seresnet*, wide_resnet*, ...) the same stochastic depth (batch or subset mode), in place or as a copy.
 """
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -128,28 +128,41 @@ def _apply_schedule(model: nn.Module, survival_prob_last: float, rule: str, gran
 
 def add_stochastic_depth(
         model: nn.Module,
-        drop_path_rate: float = 0.5,
+        drop_path_rate: Optional[float] = None,
         sd_rule: str = 'linear',
         sd_scaling: str = 'inverted',
         sd_seed: int = 0,
         inplace: bool = False,
         sd_granularity: str = 'batch',
 ) -> nn.Module:
-    """Give a timm ResNet-family model (timm BasicBlock / Bottleneck blocks) compute-skipping stochastic depth.
+    """Give a timm model compute-skipping stochastic depth: a ResNet family model (timm BasicBlock / Bottleneck
+    blocks), a Vision Transformer (``Block`` / ``ResPostBlock``: attention and MLP branches each gated) or a
+    ConvNeXt (``ConvNeXtBlock``).
 
     Dropped blocks are skipped, get zero gradients (DDP-safe) and draw reproducible gates, as in the
     sd-zoo models: ``sd_granularity='batch'`` (default) drops a block for the whole mini-batch with
     rank-consistent gates, ``'subset'`` per sample, running the branch on the kept samples only (``'sample'``,
-    a DropPath-like mask that always computes, is accepted too). With the default ``inverted`` scaling the eval
-    outputs are unchanged and the state_dict keys are exactly the model's own (the eval scale of 1 is not
-    saved); ``paper`` scaling saves each block's eval scale. ``drop_path_rate`` is 1 - p_L. Returns the
-    converted model (a copy unless inplace).
+    a DropPath-like mask that always computes, is accepted for ResNets). With the default ``inverted`` scaling the
+    eval outputs are unchanged and the state_dict keys are exactly the model's own (the eval scale of 1 is not
+    saved); ``paper`` scaling (ResNets) saves each block's eval scale. ``drop_path_rate`` is 1 - p_L for ResNets
+    (default 0.5, the paper's); for ViTs and ConvNeXts the default keeps the rates the model was built with (timm's
+    per-block ``drop_path_rate`` schedule), and a number sets timm's linear rule (``sd_rule='uniform'``: that rate
+    for every branch). Returns the converted model (a copy unless inplace).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f'add_stochastic_depth(): model must be a torch.nn.Module, got {type(model).__name__}')
-    check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
-        raise ValueError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck blocks to convert')
+        from .sd_timm_blocks import add_stochastic_depth_to_blocks, convertible_blocks
+        if convertible_blocks(model):
+            if sd_scaling != 'inverted':
+                raise ValueError("ViT and ConvNeXt blocks take sd_scaling='inverted' (timm's DropPath scaling, so "
+                                 "eval outputs and keys stay timm's)")
+            return add_stochastic_depth_to_blocks(model, drop_path_rate, sd_granularity, sd_seed, inplace,
+                                                  uniform=sd_rule == 'uniform')
+        raise ValueError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck, ViT Block / ResPostBlock or '
+                         f'ConvNeXtBlock blocks to convert')
+    drop_path_rate = 0.5 if drop_path_rate is None else drop_path_rate
+    check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not inplace:
         model = copy.deepcopy(model)
     _apply_schedule(model, 1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling, sd_seed,

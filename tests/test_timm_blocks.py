@@ -1,0 +1,167 @@
+"""Compute-skipping stochastic depth for timm's ViTs and ConvNeXts: timm's eval outputs and keys, the masked
+reference in training, timm's rates, zero gradients for dropped branches, the same gates under checkpointing."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from sd_zoo import add_stochastic_depth
+from sd_zoo.models.sd_timm_blocks import StochasticBranch, branch_rates
+
+MODELS = {
+    'vit': ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, init_values=1e-2)),
+    'vit_respost': ('vit_small_patch16_224', dict(img_size=32, patch_size=8, depth=3)),
+    'convnext': ('convnext_atto', dict()),
+}
+
+
+def _model(kind, drop_path_rate=0.4):
+    from timm.models.vision_transformer import ResPostBlock
+    name, kwargs = MODELS[kind]
+    extra = dict(block_fn=ResPostBlock) if kind == 'vit_respost' else {}
+    return timm.create_model(name, num_classes=10, drop_path_rate=drop_path_rate, **kwargs, **extra)
+
+
+def _gates(model):
+    return [m for m in model.modules() if isinstance(m, StochasticBranch)]
+
+
+@pytest.mark.parametrize('kind', sorted(MODELS))
+@pytest.mark.parametrize('granularity', ['batch', 'subset'])
+def test_eval_outputs_keys_and_rates_are_timms(kind, granularity):
+    model = _model(kind).eval()
+    converted = add_stochastic_depth(model, sd_granularity=granularity).eval()
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    # weights of the unconverted model (pretrained-style) load unchanged, strictly, and evaluate as timm's
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    converted.load_state_dict(weights)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    # timm's per-block rates: those of the DropPath each gate replaced, in forward order
+    slots = [getattr(b, s) for b in model.modules() for s in ('drop_path1', 'drop_path2', 'drop_path')
+             if type(b).__name__ in ('Block', 'ResPostBlock', 'ConvNeXtBlock') and hasattr(b, s)]
+    assert branch_rates(converted) == pytest.approx([1.0 - getattr(m, 'drop_prob', 0.0) for m in slots])
+
+
+def _masked_reference_vit(block, x, keeps, probs):
+    """The unconverted block's math with the gates' masks: x + mask * branch(x) / p, per branch."""
+    n = x.shape[0]
+    masks = [torch.zeros(n, 1, 1).index_fill_(0, k, 1.0) if k is not None else torch.ones(n, 1, 1) for k in keeps]
+    y = x + masks[0] * block.ls1(block.attn(block.norm1(x))) / probs[0]
+    return y + masks[1] * block.ls2(block.mlp(block.norm2(y))) / probs[1]
+
+
+def test_subset_keeps_the_masked_reference_and_its_gradients():
+    torch.manual_seed(0)
+    model = _model('vit', drop_path_rate=0.6)
+    ref_block = copy.deepcopy(model.blocks[-1]).train()
+    converted = add_stochastic_depth(model, sd_granularity='subset', sd_seed=3)
+    block = converted.blocks[-1].train()
+    seen_partial = False
+    for _ in range(6):
+        x = torch.randn(8, 17, 192, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        out = block(x)
+        keeps = [g.last_keep for g in (block.drop_path1, block.drop_path2)]
+        seen_partial |= any(k is not None and 0 < len(k) < 8 for k in keeps)
+        ref = _masked_reference_vit(ref_block, x_ref, keeps, [block.drop_path1.survival_prob,
+                                                              block.drop_path2.survival_prob])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+        for (name, p), q in zip(block.named_parameters(), ref_block.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
+        block.zero_grad()
+        ref_block.zero_grad()
+    assert seen_partial
+
+
+@pytest.mark.parametrize('kind', ['vit', 'convnext'])
+def test_batch_gates_follow_the_rates_skip_compute_and_give_zero_gradients(kind):
+    model = add_stochastic_depth(_model(kind, drop_path_rate=0.5), sd_granularity='batch', sd_seed=1).train()
+    gates = _gates(model)
+    steps, kept = 300, torch.zeros(len(gates))
+    calls = []
+    victim = gates[-1]
+    owner = victim.__dict__['_owner']
+    handle = getattr(owner, 'mlp').register_forward_hook(lambda m, a, o: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    dropped_grads_checked = False
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(step < 20):
+            out = model(x)
+        kept += torch.tensor([float(g.last_gate) for g in gates])
+        if step < 20:
+            out.sum().backward()
+            if not victim.last_gate:  # a dropped branch: its parameters get exactly zero, not None
+                grads = [p.grad for p in victim.branch_parameters()]
+                assert grads and all(g is not None and not g.any() for g in grads)
+                dropped_grads_checked = True
+    handle.remove()
+    rates = torch.tensor(branch_rates(model))
+    assert torch.allclose(kept / steps, rates, atol=0.1), (kept / steps, rates)
+    assert len(calls) == int(kept[-1])  # the dropped MLP branch never ran
+    assert dropped_grads_checked or kept[-1] == steps
+
+
+@pytest.mark.parametrize('granularity', ['batch', 'subset'])
+def test_grad_checkpointing_recomputes_with_the_same_gates(granularity):
+    model = add_stochastic_depth(_model('vit', drop_path_rate=0.5), sd_granularity=granularity, sd_seed=5).train()
+    ckpt = copy.deepcopy(model)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(6, 3, 32, 32)
+    for _ in range(3):
+        model.zero_grad()
+        ckpt.zero_grad()
+        out, out_ckpt = model(x), ckpt(x)
+        draws = [(g.last_gate, None if g.last_keep is None else g.last_keep.tolist()) for g in _gates(model)]
+        assert draws == [(g.last_gate, None if g.last_keep is None else g.last_keep.tolist()) for g in _gates(ckpt)]
+        torch.testing.assert_close(out_ckpt, out)
+        out.square().mean().backward()
+        out_ckpt.square().mean().backward()
+        for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+def test_conversion_errors_name_the_problem():
+    with pytest.raises(ValueError, match='no timm BasicBlock'):
+        add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="sd_scaling='inverted'"):
+        add_stochastic_depth(_model('vit'), sd_scaling='paper')
+    with pytest.raises(ValueError, match='computes every branch'):
+        add_stochastic_depth(_model('vit'), sd_granularity='sample')
+    with pytest.raises(ValueError, match='needs a drop_path_rate'):
+        add_stochastic_depth(_model('vit'), sd_rule='uniform')
+    model = _model('convnext', drop_path_rate=0.0)
+    assert branch_rates(add_stochastic_depth(model, drop_path_rate=0.3)) [-1] == pytest.approx(0.7)
+    assert branch_rates(add_stochastic_depth(model, drop_path_rate=0.3, sd_rule='uniform')) == \
+        pytest.approx([0.7] * len(model.stages[0].blocks + model.stages[1].blocks + model.stages[2].blocks +
+                                  model.stages[3].blocks))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize('granularity', ['batch', 'subset'])
+def test_compiled_branches_match_eager_with_a_bounded_number_of_graphs(granularity):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from sd_zoo import compile_blocks
+    torch._dynamo.reset()
+    counters.clear()
+    model = add_stochastic_depth(_model('vit', drop_path_rate=0.5), sd_granularity=granularity, sd_seed=2).train()
+    compiled = compile_blocks(copy.deepcopy(model))
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(6):
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+        out.sum().backward()
+    # two branch kinds (attention, MLP) of one shape: a static, a dynamic-batch and a batch-of-1 graph at most each
+    assert 1 <= counters['stats']['unique_graphs'] <= 6
