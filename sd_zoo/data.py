@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.data import ImageDataset
 
 from .checks import atomic_path
+from .stochastic_depth import mix_seeds
 
 _logger = logging.getLogger('sd_zoo.data')
 
@@ -507,12 +508,8 @@ def check_image_size(data: DecodedImages, data_config: Dict[str, Any]) -> None:
 
 
 def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (SplitMix64-style), so (seed, epoch, rank) streams differ."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
+    """A 63-bit generator seed from several integers, so (seed, epoch, rank) streams differ."""
+    return mix_seeds(*values) & 0x7FFFFFFFFFFFFFFF
 
 
 class TensorLoader:

@@ -247,7 +247,11 @@ def _read_published_weights(kind: str, where: str, revision: Optional[str]) -> D
 def load_published(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
                    revision: Optional[str] = None, **kwargs) -> torch.nn.Module:
     """An sd-zoo model with published weights: a Hub repo id (``ORG/NAME`` or ``hf-hub:ORG/NAME``) or a
-    folder (``local-dir:PATH``). ``model_name`` and ``num_classes``, when given, must match the weights."""
+    folder (``local-dir:PATH``). ``model_name`` and ``num_classes``, when given, must match the weights.
+
+    Why not timm's own ``hf-hub:`` / ``local-dir:`` loader: it builds whatever config.json says (its pretrained_cfg
+    may name other weights) and loads weights non-strictly; this one reads config.json as data (sd_zoo.published)
+    and the folder's own model.safetensors key by key."""
     import timm
     kind, where, pinned = parse_source(source)
     if pinned and revision and pinned != revision:

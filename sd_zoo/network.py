@@ -13,6 +13,10 @@ that gives up after ``SD_ZOO_HUB_TIMEOUT`` seconds (default 30) without an answe
   loop of huggingface_hub catches.
 
 Each thread has its own clock, so one thread's silence or answers never decide for another.
+
+Why private attributes (``_transport``/``_mounts`` of httpx's client, huggingface_hub's ``_GLOBAL_CLIENT_FACTORY``):
+httpx has no public way to wrap the transports of a client built elsewhere (huggingface_hub's factory sets its
+proxies, certificates and hooks), and huggingface_hub no getter for the factory in place, which must be restored.
 """
 import os
 import threading

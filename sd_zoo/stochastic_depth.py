@@ -24,7 +24,7 @@ __all__ = [
     'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
     'check_model_sd_args',
     'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
-    'set_gate_seed', 'subset_keep_indices', 'active_blocks',
+    'set_gate_seed', 'subset_keep_indices', 'active_blocks', 'mix_seeds',
 ]
 
 RULES = ('linear', 'uniform')
@@ -98,13 +98,22 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def mix_seeds(first: int, *rest: int) -> int:
+    """A well-distributed 64-bit hash of integers (SplitMix64, folded): the key of a counter-based stream, so
+    streams keyed by (seed, block, step, rank) or (seed, epoch, rank) never touch the global RNGs."""
+    z = _mix64(first & _MASK64)
+    for value in rest:
+        z = _mix64(z ^ (value & _MASK64))
+    return z
+
+
 def gate_uniform(seed: int, block_index: int, step: int) -> float:
     """A uniform number in [0, 1) that depends only on (seed, block, step).
 
     Counter-based, so every DDP rank draws the same gates without communicating and without touching
     the global RNGs (which timm's train.py seeds differently on each rank).
     """
-    z = _mix64(_mix64(_mix64(seed & _MASK64) ^ (block_index & _MASK64)) ^ (step & _MASK64))
+    z = mix_seeds(seed, block_index, step)
     return (z >> 11) * (1.0 / (1 << 53))
 
 
@@ -125,8 +134,7 @@ def subset_keep_indices(
     never the global RNG, so a rank's masks are reproducible and ranks (which see different data) draw
     different masks. Drawn on the CPU so that the subset size is known without a device sync.
     """
-    z = _mix64(_mix64(_mix64(_mix64(_mix64(seed & _MASK64) ^ _SUBSET_STREAM) ^ (block_index & _MASK64))
-                      ^ (step & _MASK64)) ^ (rank & _MASK64))
+    z = mix_seeds(seed, _SUBSET_STREAM, block_index, step, rank)
     g = torch.Generator().manual_seed(z)
     return torch.nonzero(torch.rand(batch_size, generator=g) < survival_prob).squeeze(1)
 
