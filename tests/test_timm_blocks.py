@@ -165,3 +165,16 @@ def test_compiled_branches_match_eager_with_a_bounded_number_of_graphs(granulari
         out.sum().backward()
     # two branch kinds (attention, MLP) of one shape: a static, a dynamic-batch and a batch-of-1 graph at most each
     assert 1 <= counters['stats']['unique_graphs'] <= 6
+
+
+@pytest.mark.parametrize('kind', sorted(MODELS))
+def test_torchscript_and_fx_at_eval_give_timms_outputs(kind):
+    from timm.models import create_feature_extractor
+    model = _model(kind).eval()
+    converted = add_stochastic_depth(model, sd_granularity='subset').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(converted)(x), model(x))
+        node = 'head' if kind != 'convnext' else 'head.fc'
+        traced = create_feature_extractor(converted, return_nodes=[node])
+        assert torch.equal(traced(x)[node], model(x))

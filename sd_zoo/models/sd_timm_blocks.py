@@ -75,61 +75,56 @@ class StochasticBranch(StochasticResidual):
         return f'{self.branch_fn}, ' + super().extra_repr()
 
 
-def _two_branches(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
-    """A ViT block's training forward: the attention branch's gate, then the MLP branch's."""
-    if attn_mask is not None and block.drop_path1.granularity == 'subset':
-        raise ValueError("'subset' gates with an attention mask (whose rows follow the batch): use 'batch' gates")
-    block._attn_kwargs = dict(attn_mask=attn_mask, is_causal=is_causal)
-    return block.drop_path2.residual(block.drop_path1.residual(x))
+class _ViTGates:
+    """A ViT block's forward with its two gates: in training the attention branch's, then the MLP branch's; in
+    eval (and TorchScript) timm's forward, in which a gate is the identity. ``_attn``/``_mlp`` are the branches."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if self.training and not torch.jit.is_scripting():
+            return self._forward_sd(x, attn_mask, is_causal)
+        x = x + self.drop_path1(self._attn(x, attn_mask, is_causal))
+        return x + self.drop_path2(self._mlp(x))
+
+    @torch.jit.unused
+    def _forward_sd(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        if attn_mask is not None and self.drop_path1.granularity == 'subset':
+            raise ValueError("'subset' gates with an attention mask (whose rows follow the batch): use 'batch' gates")
+        self._attn_kwargs = (attn_mask, is_causal)
+        return self.drop_path2.residual(self.drop_path1.residual(x))
+
+    @torch.jit.unused
+    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self._attn(x, *self._attn_kwargs)
+
+    @torch.jit.unused
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp(x)
 
 
 @register_notrace_module  # FX keeps the block a leaf: its gates are Python decisions
-class SDViTBlock(Block):
+class SDViTBlock(_ViTGates, Block):
     """timm's ViT ``Block`` whose attention and MLP branches are skipped when their gates drop them."""
     branches = (('drop_path1', '_attn_branch', ('norm1', 'attn', 'ls1')),
                 ('drop_path2', '_mlp_branch', ('norm2', 'mlp', 'ls2')))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
-            return self._forward_sd(x, attn_mask, is_causal)
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+    def _attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
 
-    @torch.jit.unused
-    def _forward_sd(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        return _two_branches(self, x, attn_mask, is_causal)
-
-    @torch.jit.unused
-    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x), **self._attn_kwargs))
-
-    @torch.jit.unused
-    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
 
 @register_notrace_module
-class SDViTResPostBlock(ResPostBlock):
+class SDViTResPostBlock(_ViTGates, ResPostBlock):
     """timm's ViT ``ResPostBlock`` (norm after each branch) with compute-skipping gates."""
     branches = (('drop_path1', '_attn_branch', ('attn', 'norm1')),
                 ('drop_path2', '_mlp_branch', ('mlp', 'norm2')))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
-            return self._forward_sd(x, attn_mask, is_causal)
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+    def _attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        return self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal))
 
-    @torch.jit.unused
-    def _forward_sd(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        return _two_branches(self, x, attn_mask, is_causal)
-
-    @torch.jit.unused
-    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm1(self.attn(x, **self._attn_kwargs))
-
-    @torch.jit.unused
-    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.mlp(x))
 
 
@@ -141,9 +136,8 @@ class SDConvNeXtBlock(ConvNeXtBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not torch.jit.is_scripting():
             return self.drop_path.residual(x)
-        return super().forward(x)
+        return self.drop_path(self._branch(x)) + self.shortcut(x)  # timm's forward, a gate the identity
 
-    @torch.jit.unused
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_dw(x)
         if self.use_conv_mlp:
