@@ -42,5 +42,6 @@ if [[ ! -f $TIMM_SRC/tests/test_models.py ]]; then
   tar xzf "$ROOT/.cache/timm-sdist/timm-$TIMM_VERSION.tar.gz" -C "$ROOT/.cache/timm-sdist"
 fi
 # -p sd_zoo imports the plugin before collection, so timm's parametrisation sees the sd models
-(cd "$TIMM_SRC" && run_pytest -p sd_zoo tests/test_models.py -k "sd_resnet" -p no:cacheprovider -q \
+(cd "$TIMM_SRC" && run_pytest -p sd_zoo tests/test_models.py \
+  -k "sd_resnet or patch16_224_sd or convnext_atto_sd or convnext_tiny_sd" -p no:cacheprovider -q \
   -W ignore::FutureWarning)

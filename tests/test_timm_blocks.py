@@ -178,3 +178,33 @@ def test_torchscript_and_fx_at_eval_give_timms_outputs(kind):
         node = 'head' if kind != 'convnext' else 'head.fc'
         traced = create_feature_extractor(converted, return_nodes=[node])
         assert torch.equal(traced(x)[node], model(x))
+
+
+@pytest.mark.parametrize('base', ['vit_tiny_patch16_224', 'convnext_atto'])
+def test_named_models_are_timms_converted(base):
+    """NAME_sd (timm's train.py: --model NAME_sd --device-modules sd_zoo) is timm's NAME with its own rates, keys
+    and eval outputs, its gates skipping compute."""
+    kwargs = dict(drop_path_rate=0.3, num_classes=10, **(dict(img_size=32, patch_size=8) if 'vit' in base else {}))
+    model = timm.create_model(base, **kwargs).eval()
+    named = timm.create_model(f'{base}_sd', sd_granularity='subset', **kwargs).eval()
+    assert named.pretrained_cfg['architecture'] == f'{base}_sd' and not named.pretrained_cfg.get('hf_hub_id')
+    named.load_state_dict(model.state_dict())
+    assert list(named.state_dict()) == list(model.state_dict())
+    assert branch_rates(named) == branch_rates(add_stochastic_depth(model))
+    assert {g.granularity for g in _gates(named)} == {'subset'}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named(x), model(x))
+
+
+def test_sd_zoo_train_validates_a_named_vit(tiny_folder, tmp_path):
+    """sd-zoo train --model vit_tiny_patch16_224_sd, and validate --checkpoint rebuilds it as it trained."""
+    from sd_zoo.cli import main
+    from sd_zoo.evaluation import validate
+    assert main(['train', '--data-dir', str(tiny_folder), '--model', 'vit_tiny_patch16_224_sd', '--model-kwargs',
+                 'img_size=32', 'patch_size=8', 'sd_granularity=subset', '--drop-path', '0.3', '--img-size', '32',
+                 '--epochs', '1', '-b', '8', '-j', '0', '--no-progress', '--train-split', 'train', '--val-split',
+                 'test', '--opt', 'adamw', '--lr', '1e-3', '--output', str(tmp_path), '--experiment', 'vit']) == 0
+    result = validate('vit_tiny_patch16_224_sd', checkpoint=str(tmp_path / 'vit' / 'last.pth.tar'),
+                      data_dir=str(tiny_folder), split='test', workers=0, device='cpu', quiet=True)
+    assert result['images'] == 20 and 0.0 <= result['top1'] <= 100.0

@@ -23,13 +23,15 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtBlock
 from timm.models.vision_transformer import Block, ResPostBlock
 
 from ..stochastic_depth import StochasticResidual, check_sd_args
 
 __all__ = ['StochasticBranch', 'SDViTBlock', 'SDViTResPostBlock', 'SDConvNeXtBlock', 'add_stochastic_depth_to_blocks',
-           'convertible_blocks']
+           'convertible_blocks', 'branch_rates', 'vit_tiny_patch16_224_sd', 'vit_small_patch16_224_sd',
+           'vit_base_patch16_224_sd', 'deit_small_patch16_224_sd', 'convnext_atto_sd', 'convnext_tiny_sd']
 
 
 class StochasticBranch(StochasticResidual):
@@ -228,3 +230,72 @@ def add_stochastic_depth_to_blocks(model: nn.Module, drop_path_rate: Optional[fl
 def branch_rates(model: nn.Module) -> Tuple[float, ...]:
     """Survival probability of every gate of a converted model, in forward order."""
     return tuple(m.survival_prob for m in model.modules() if isinstance(m, StochasticBranch))
+
+
+# ---------------------------------------------------------------------------------------------- model names
+
+# NAME_sd is timm's NAME converted: `timm.create_model('vit_small_patch16_224_sd', pretrained=True,
+# drop_path_rate=0.1, sd_granularity='subset')`, and `--model vit_small_patch16_224_sd` in timm's train.py
+# (--device-modules sd_zoo). pretrained=True loads timm's own weights for NAME. The names end in _sd (not sd_...)
+# so that timm's own model tests treat each as the family it is (their filters match name prefixes).
+CONVERTED_MODELS = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224',
+                    'deit_small_patch16_224', 'convnext_atto', 'convnext_tiny')
+
+
+def _converted_cfg(base: str) -> dict:
+    """NAME's default config as NAME_sd's, without a weight source of its own (pretrained=True goes through NAME)."""
+    from timm.models import get_pretrained_cfg
+    cfg = {k: v for k, v in get_pretrained_cfg(base).to_dict().items()
+           if k not in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag', 'architecture')}
+    return dict(cfg, paper_ids='arXiv:1603.09382', paper_name='Deep Networks with Stochastic Depth',
+                notes=f'{base} with compute-skipping stochastic depth (sd_zoo.add_stochastic_depth); weights: {base}\'s')
+
+
+def _create_converted(variant: str, base: str, pretrained: bool = False, sd_granularity: str = 'batch',
+                      sd_seed: int = 0, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> nn.Module:
+    import timm
+    model = timm.create_model(base, pretrained=pretrained, **kwargs)
+    add_stochastic_depth_to_blocks(model, None, sd_granularity, sd_seed, inplace=True)
+    cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, 'to_dict') else \
+        dict(pretrained_cfg or _converted_cfg(base))
+    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=variant)  # its own name, no weight source
+    return model
+
+
+default_cfgs = generate_default_cfgs({f'{base}_sd': _converted_cfg(base) for base in CONVERTED_MODELS})
+
+
+@register_model
+def vit_tiny_patch16_224_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's vit_tiny_patch16_224 whose dropped attention / MLP branches are not computed."""
+    return _create_converted('vit_tiny_patch16_224_sd', 'vit_tiny_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def vit_small_patch16_224_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's vit_small_patch16_224 whose dropped attention / MLP branches are not computed."""
+    return _create_converted('vit_small_patch16_224_sd', 'vit_small_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def vit_base_patch16_224_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's vit_base_patch16_224 whose dropped attention / MLP branches are not computed."""
+    return _create_converted('vit_base_patch16_224_sd', 'vit_base_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def deit_small_patch16_224_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's deit_small_patch16_224 whose dropped attention / MLP branches are not computed."""
+    return _create_converted('deit_small_patch16_224_sd', 'deit_small_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def convnext_atto_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's convnext_atto whose dropped block branches are not computed."""
+    return _create_converted('convnext_atto_sd', 'convnext_atto', pretrained, **kwargs)
+
+
+@register_model
+def convnext_tiny_sd(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's convnext_tiny whose dropped block branches are not computed."""
+    return _create_converted('convnext_tiny_sd', 'convnext_tiny', pretrained, **kwargs)
