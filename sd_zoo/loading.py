@@ -141,6 +141,18 @@ def load_model(name: str, pretrained: bool = False, num_classes: Optional[int] =
 # ---------------------------------------------------------------------------------------------- Hub / folders
 
 
+def check_repo_id(repo_id: str, flag: str = '', need_org: bool = False) -> None:
+    """A Hub repository id by huggingface_hub's rule (with ``need_org``, ORG/NAME); else a one-line ValueError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        if need_org and '/' not in repo_id:
+            raise HFValidationError('no ORG/')
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        hint = f' (for the folder, write local-dir:{repo_id})' if os.path.isdir(repo_id) else ''
+        raise ValueError(f'{flag + " " if flag else ""}{repo_id!r} is not a Hub repository id ORG/NAME{hint}') from e
+
+
 def parse_source(source: str) -> Tuple[str, str, Optional[str]]:
     """('hub', repo_id, revision) or ('local', folder, None). ``local-dir:`` names a folder; anything else is
     a Hub repo id, even if a folder of that name exists here; ``ORG/NAME@REVISION`` pins a revision (as in
@@ -152,12 +164,7 @@ def parse_source(source: str) -> Tuple[str, str, Optional[str]]:
         return 'local', folder, None
     repo_id = source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
     repo_id, _, revision = repo_id.partition('@')
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        hint = f' (for the folder, write local-dir:{repo_id})' if os.path.isdir(repo_id) else ''
-        raise ValueError(f'{repo_id!r} is not a Hub repository id ORG/NAME{hint}') from e
+    check_repo_id(repo_id)
     return 'hub', repo_id, revision or None
 
 

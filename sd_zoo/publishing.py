@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
+from .loading import check_repo_id
 from .models.sd_resnet_cifar import CIFAR10_CLASSES
 from .runs import RunFolder, epochs_done, read_csv, training_times
 
@@ -500,16 +501,6 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
     return info.commit_url
 
 
-def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        if '/' not in repo_id:
-            raise HFValidationError('no ORG/')
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f'--repo-id {repo_id!r} must be a Hub repository id ORG/NAME') from e
-
-
 def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoint: str = 'last',
             ema: bool = False, tag: Optional[str] = None, out: Optional[str] = None, dry_run: bool = False,
             data_dir: Optional[str] = None, dataset: str = '', dataset_download: bool = False, split: str = 'test',
@@ -521,7 +512,7 @@ def publish(source: str, *, repo_id: str, model: Optional[str] = None, checkpoin
     the staged folder as it was."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f'publish(): source must be a run folder or checkpoint path, got {type(source).__name__}')
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id, '--repo-id', need_org=True)
     plan = plan_publication(source, repo_id=repo_id, model_name=model, which=checkpoint, use_ema=ema, tag=tag,
                             out_dir=out, data=EvalData(data_dir, dataset, dataset_download, split),
                             baseline=baseline, data_note=data_note, train_note=train_note, overwrite=overwrite)

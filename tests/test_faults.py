@@ -283,7 +283,7 @@ BAD_INPUTS = [
     Bad('publish-out-is-a-file', lambda w: P(w, out=w.a_file), 'is a file, not a folder'),
     Bad('publish-out-holds-user-files', lambda w: P(w, out=w.foreign_out), 'thesis.tex'),
     Bad('publish-repo-id-no-org', lambda w: ['publish', str(w.run), '--repo-id', 'noslash', '--dry-run'],
-        'must be a Hub repository id'),
+        'is not a Hub repository id'),
     Bad('publish-source-missing', lambda w: P(w, source=w.tmp / 'nowhere'), 'does not exist'),
     Bad('publish-source-junk', lambda w: P(w, '--model', 'sd_resnet20', source=w.junk), 'is not a timm checkpoint'),
     Bad('publish-other-arch', lambda w: P(w, '--model', 'sd_resnet32'), 'do not fit'),
