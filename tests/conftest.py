@@ -82,3 +82,30 @@ def make_image_folder(root: Path, classes=10, splits=(('train', 4), ('test', 2))
 def tiny_folder(tmp_path_factory) -> Path:
     """A 10-class image folder of random 32x32 images (train 4 / test 2 per class)."""
     return make_image_folder(tmp_path_factory.mktemp('tiny'))
+
+
+def check_checkpointing_recomputes_the_same_gates(model: torch.nn.Module, x: torch.Tensor, steps: int = 3) -> list:
+    """``model`` (training) against a gradient-checkpointed copy: the same gates and kept samples, outputs and
+    gradients, step after step; recomputation in backward draws nothing new. Returns each step's draws."""
+    import copy
+    from sd_zoo import stochastic_blocks
+
+    def draws(m):
+        return [(bool(b.last_gate), None if b.last_keep is None else b.last_keep.tolist())
+                for b in stochastic_blocks(m)]
+    ckpt = copy.deepcopy(model)
+    ckpt.set_grad_checkpointing(True)
+    seen = []
+    for _ in range(steps):
+        model.zero_grad()
+        ckpt.zero_grad()
+        out, out_ckpt = model(x), ckpt(x)
+        seen.append(draws(model))
+        assert seen[-1] == draws(ckpt)
+        torch.testing.assert_close(out_ckpt, out)
+        out.square().mean().backward()
+        out_ckpt.square().mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        assert draws(ckpt) == seen[-1]  # recomputation in backward drew no new gates or masks
+    return seen

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 
+from conftest import check_checkpointing_recomputes_the_same_gates
 from sd_zoo import add_stochastic_depth
 from sd_zoo.models.sd_timm_blocks import StochasticBranch, branch_rates
 
@@ -115,20 +116,9 @@ def test_batch_gates_follow_the_rates_skip_compute_and_give_zero_gradients(kind)
 @pytest.mark.parametrize('granularity', ['batch', 'subset'])
 def test_grad_checkpointing_recomputes_with_the_same_gates(granularity):
     model = add_stochastic_depth(_model('vit', drop_path_rate=0.5), sd_granularity=granularity, sd_seed=5).train()
-    ckpt = copy.deepcopy(model)
-    ckpt.set_grad_checkpointing(True)
-    x = torch.randn(6, 3, 32, 32)
-    for _ in range(3):
-        model.zero_grad()
-        ckpt.zero_grad()
-        out, out_ckpt = model(x), ckpt(x)
-        draws = [(g.last_gate, None if g.last_keep is None else g.last_keep.tolist()) for g in _gates(model)]
-        assert draws == [(g.last_gate, None if g.last_keep is None else g.last_keep.tolist()) for g in _gates(ckpt)]
-        torch.testing.assert_close(out_ckpt, out)
-        out.square().mean().backward()
-        out_ckpt.square().mean().backward()
-        for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=n)
+    seen = check_checkpointing_recomputes_the_same_gates(model, torch.randn(6, 3, 32, 32))
+    # some branch dropped for the batch, or kept for some samples only: the gates were put to the test
+    assert any(not gate or (keep is not None and 0 < len(keep) < 6) for step in seen for gate, keep in step)
 
 
 def test_conversion_errors_name_the_problem():
