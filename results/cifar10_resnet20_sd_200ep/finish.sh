@@ -10,7 +10,7 @@ DATA=${3:-/work/data/cifar10}
 H=results/cifar10_resnet20_sd_200ep
 SDZOO=${SDZOO:-.venv/bin/sd-zoo}
 export SD_ZOO_CACHE=${SD_ZOO_CACHE:-/work/cache}
-while pgrep -f "recipe.yaml --data-dir" > /dev/null; do sleep 20; done
+while pgrep -f -- "$SD/last.pth.tar" > /dev/null || pgrep -f -- "$TWIN/last.pth.tar" > /dev/null; do sleep 20; done
 for R in "$SD" "$TWIN"; do
   [[ -f $R/results.json ]] || { echo "$R has no results.json: the run has not finished (restart.sh resume)"; exit 1; }
 done
