@@ -175,9 +175,22 @@ def time_interleaved(steps_by_name: Dict[str, Any], steps: int, warmup: int, dev
     return times
 
 
+def _quartiles(values: List[float]) -> Dict[str, float]:
+    """min, 25th percentile, median, 75th percentile and max: the spread a reader needs to judge a row."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive') if len(values) > 1 else (values[0],) * 3
+    return dict(min=min(values), p25=q1, median=statistics.median(values), p75=q3, max=max(values))
+
+
 def _summary(times: List[float]) -> Dict[str, float]:
-    return dict(median_s=statistics.median(times), mean_s=statistics.fmean(times), min_s=min(times),
-                steps=len(times))
+    spread = _quartiles(times)
+    return dict(median_s=spread['median'], mean_s=statistics.fmean(times), min_s=spread['min'], p25_s=spread['p25'],
+                p75_s=spread['p75'], max_s=spread['max'], steps=len(times))
+
+
+def ratio_spread(times: Dict[str, List[float]], base: str = 'constant') -> Dict[str, Dict[str, float]]:
+    """The spread of each variant's per-step time over the base's step beside it (interleaved steps, so the
+    machine's drift cancels): how far one run's ratio can be trusted."""
+    return {name: _quartiles([a / b for a, b in zip(t, times[base])]) for name, t in times.items()}
 
 
 def bench_train(args, device) -> Dict[str, Any]:
@@ -206,6 +219,7 @@ def bench_train(args, device) -> Dict[str, Any]:
     return dict(
         variants={name: _summary(t) for name, t in times.items()},
         ratio_to_constant={name: statistics.median(t) / t_const for name, t in times.items()},
+        ratio_spread=ratio_spread(times),
         num_blocks=num_blocks,
         expected_active_blocks=exp_active,
         mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),
@@ -304,6 +318,7 @@ def bench_ddp(args, device) -> Dict[str, Any]:
         find_unused_parameters=False,
         variants={name: _summary(t) for name, t in res['times'].items()},
         ratio_to_constant={name: statistics.median(t) / t_const for name, t in res['times'].items()},
+        ratio_spread=ratio_spread(res['times']),
     )
 
 
@@ -508,6 +523,7 @@ def bench_compile(args, device) -> Dict[str, Any]:
         variants={name: _summary(t) for name, t in times.items()},
         ratio=statistics.median(times['sd_batch_compiled']) / t_const,
         ratio_subset=statistics.median(times['sd_subset_compiled']) / t_const,
+        ratio_spread=ratio_spread(times, base='constant_compiled'),
         steps=args.compile_steps + args.warmup + 1,
         distinct_gate_patterns=len(patterns),
         compiled_graphs=sum(graphs.values()),
@@ -579,6 +595,20 @@ def _result_of(proc, queue) -> Dict[str, Any]:
                                    f'its error is above') from None
 
 
+def cpu_description() -> Dict[str, Any]:
+    """The CPU's model name and the instruction sets that decide bf16 speed (from /proc/cpuinfo where there is
+    one), so a recorded figure says which machine made it."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = f.read()
+    except OSError:
+        return dict(cpu_model=None, cpu_flags=None)
+    model = next((line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')), None)
+    flags = next((line.split(':', 1)[1].split() for line in info.splitlines() if line.startswith('flags')), [])
+    wanted = ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16')
+    return dict(cpu_model=model, cpu_flags=[f for f in wanted if f in flags])
+
+
 def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results;
     ``on_part(results)`` is called after each part, so a late failure keeps what was measured."""
@@ -592,7 +622,8 @@ def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = No
         environment=dict(
             device=str(device), torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
             cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-            torch_threads=torch.get_num_threads(),
+            torch_threads=torch.get_num_threads(), **cpu_description(),
+            date_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
     )
     measure = dict(train=bench_train, data=_bench_data, ddp=bench_ddp, eval=bench_eval, memory=bench_memory,
@@ -624,10 +655,11 @@ def _format_train(results: Dict[str, Any]) -> List[str]:
         f"{results['environment']['device']} ({results['environment']['torch_threads']} threads), "
         f"median of {cfg['steps']} steps",
         '',
-        f"{'train step':<28}{'median s':>10}{'/ constant':>12}",
+        f"{'train step':<28}{'median s':>10}{'/ constant':>12}   {'per-step ratio p25-p75 (min-max)'}",
     ]
     for name, s in train['variants'].items():
-        lines.append(f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}")
+        lines.append(f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}   "
+                     f"{_spread_text(train['ratio_spread'][name])}")
     lines.append(f"{'limit (schedule)':<28}{'':>10}{train['limit_ratio']:>12.3f}   "
                  f"(E[active] {train['expected_active_blocks']:.2f}/{train['num_blocks']}, observed "
                  f"{train['mean_active_blocks']:.2f} batch, {train['mean_active_blocks_subset']:.2f} subset; "
@@ -639,6 +671,10 @@ def _format_train(results: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _spread_text(q: Dict[str, float]) -> str:
+    return f"{q['p25']:.3f}-{q['p75']:.3f} ({q['min']:.3f}-{q['max']:.3f})"
+
+
 def _format_sections(results: Dict[str, Any]) -> List[str]:
     """DDP, eval, memory and compile tables, whichever ran (with or without the train-step table)."""
     lines: List[str] = []
@@ -647,7 +683,8 @@ def _format_sections(results: Dict[str, Any]) -> List[str]:
         lines += ['', f"DDP {ddp['world_size']} ranks ({ddp['backend']}, {ddp['per_rank_batch']}/rank, "
                       f"find_unused_parameters=False)"]
         for name, s in ddp['variants'].items():
-            lines.append(f"{name:<28}{s['median_s']:>10.4f}{ddp['ratio_to_constant'][name]:>12.3f}")
+            lines.append(f"{name:<28}{s['median_s']:>10.4f}{ddp['ratio_to_constant'][name]:>12.3f}   "
+                         f"{_spread_text(ddp['ratio_spread'][name])}")
     elif 'ddp' in results:
         lines += ['', f"DDP skipped: {results['ddp']['skipped']}"]
     if 'eval' in results:
@@ -665,11 +702,13 @@ def _format_sections(results: Dict[str, Any]) -> List[str]:
         c = results['compile']
         lines += ['', f"{'compiled train step':<28}{'median s':>10}",
                   *[f"{n:<28}{s['median_s']:>10.4f}" for n, s in c['variants'].items()],
-                  f"{'SD / constant (compiled)':<28}{c['ratio']:>10.3f}   ({c['distinct_gate_patterns']} gate "
-                  f"patterns, {c['graphs_per_variant']['sd_batch']} graphs over {c['steps']} steps)",
+                  f"{'SD / constant (compiled)':<28}{c['ratio']:>10.3f}   "
+                  f"{_spread_text(c['ratio_spread']['sd_batch_compiled'])}; {c['distinct_gate_patterns']} gate "
+                  f"patterns, {c['graphs_per_variant']['sd_batch']} graphs over {c['steps']} steps",
                   f"{'subset / constant (compiled)':<28}{c['ratio_subset']:>10.3f}   "
-                  f"({c['graphs_per_variant']['sd_subset']} graphs over {c['steps']} steps; constant "
-                  f"{c['graphs_per_variant']['constant']})"]
+                  f"{_spread_text(c['ratio_spread']['sd_subset_compiled'])}; "
+                  f"{c['graphs_per_variant']['sd_subset']} graphs over {c['steps']} steps; constant "
+                  f"{c['graphs_per_variant']['constant']}"]
     return lines
 
 

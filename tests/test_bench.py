@@ -25,6 +25,14 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert 0 < train['mean_active_blocks_subset'] <= 9
     assert train['num_blocks'] == 9 and train['expected_active_blocks'] == pytest.approx(6.5)
     assert train['ratio_to_constant']['constant'] == 1.0
+    # the spread of each row: per-step ratios to the constant step beside it, and the machine that made them
+    for name, q in train['ratio_spread'].items():
+        assert q['min'] <= q['p25'] <= q['median'] <= q['p75'] <= q['max'], name
+    assert train['ratio_spread']['constant'] == dict(min=1.0, p25=1.0, median=1.0, p75=1.0, max=1.0)
+    assert 'p25-p75' in printed and res['ddp']['ratio_spread'] and res['compile']['ratio_spread']
+    env = res['environment']
+    assert env['date_utc'].endswith('Z') and env['torch_threads'] >= 1 and 'cpu_model' in env
+    assert env['cpu_model'] is None or isinstance(env['cpu_model'], str) and env['cpu_model']
     assert all(v['steps'] == 2 and v['median_s'] > 0 for v in train['variants'].values())
     assert 0 < train['stem_head_share'] < 1 and 0 < train['limit_ratio'] < 1
     assert res['ddp']['find_unused_parameters'] is False and res['ddp']['world_size'] == 2
