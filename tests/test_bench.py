@@ -107,6 +107,10 @@ def test_tables_of_the_parts_that_ran_are_printed_without_the_train_part():
     compiled = dict(variants={n: dict(median_s=s) for n, s in (('sd_batch_compiled', 2.0), ('sd_subset_compiled', 2.2),
                                                               ('constant_compiled', 2.5))},
                     ratio=0.8, ratio_subset=0.88, distinct_gate_patterns=5, steps=6,
-                    graphs_per_variant=dict(sd_batch=4, sd_subset=6, constant=0))
+                    graphs_per_variant=dict(sd_batch=4, sd_subset=6, constant=0),
+                    ratio_spread={n: dict(min=r - 0.1, p25=r - 0.05, median=r, p75=r + 0.05, max=r + 0.1)
+                                  for n, r in (('sd_batch_compiled', 0.8), ('sd_subset_compiled', 0.88),
+                                               ('constant_compiled', 1.0))})
     table = format_table(dict(environment=dict(device='cpu'), compile=compiled))
     assert 'SD / constant (compiled)         0.800' in table and 'constant_compiled' in table
+    assert '0.750-0.850 (0.700-0.900)' in table  # the row's spread
