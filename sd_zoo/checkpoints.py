@@ -9,6 +9,7 @@ the old one or the new, complete one.
 import logging
 import operator
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,6 +20,7 @@ __all__ = ['AtomicCheckpointSaver', 'read_checkpoint_metadata']
 
 _logger = logging.getLogger('sd_zoo.train')
 LAST, BEST, TMP = 'last.pth.tar', 'model_best.pth.tar', 'tmp.pth.tar'
+NUMBERED = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 
 
 def read_checkpoint_metadata(path: str) -> Dict[str, Any]:
@@ -54,8 +56,9 @@ class AtomicCheckpointSaver:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """The bookkeeping of the checkpoint a run resumes from; files since removed are dropped, and the
         checkpoint's own numbered copy (made right after it was written) is tracked."""
+        # only names this saver makes (checkpoint-N.pth.tar): a tampered record never names another file to evict
         self.files = [(os.path.basename(f), m) for f, m in state.get('checkpoint_files', [])
-                      if (self.folder / os.path.basename(f)).exists()]
+                      if NUMBERED.fullmatch(os.path.basename(f)) and (self.folder / os.path.basename(f)).exists()]
         self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
         epoch, metric = state.get('pending', (None, None))
         if epoch is not None and (self.folder / self._numbered(epoch)).exists() and \

@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import os
-import re
 import statistics
 import time
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .checkpoints import AtomicCheckpointSaver, read_checkpoint_metadata
+from .checkpoints import NUMBERED, AtomicCheckpointSaver, read_checkpoint_metadata
 from .checks import write_atomic
 from .data import TORCH_DATASETS
 from .published import check_run_model_args
@@ -301,7 +300,6 @@ class ResumePoint:
 # the files a run writes into its folder: a new run never writes into a folder that holds any of them
 RUN_FILES = ('args.yaml', 'summary.csv', 'epochs.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar',
              'tmp.pth.tar', EPOCH_RECORD)
-NUMBERED = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 
 
 def _numbered_checkpoints(folder: str) -> List[Tuple[int, str]]:

@@ -66,3 +66,16 @@ def test_a_kill_before_the_best_copy_is_repaired_on_resume(tmp_path):
     resumed = AtomicCheckpointSaver(tmp_path, task=task, optimizer=optimizer, args=args, max_history=3)
     resumed.load_state_dict(load_checkpoint_metadata(str(tmp_path / 'last.pth.tar'))['saver'])
     assert load_checkpoint_metadata(str(tmp_path / 'model_best.pth.tar'))['epoch'] == 1 == resumed.best_epoch
+
+
+def test_a_tampered_record_never_names_another_file_to_evict(tmp_path):
+    task, optimizer, args = _parts(tmp_path)
+    (tmp_path / 'args.yaml').write_text('model: sd_resnet20\n')
+    saver = AtomicCheckpointSaver(tmp_path, task=task, optimizer=optimizer, args=args, max_history=1)
+    saver.load_state_dict(dict(checkpoint_files=[('args.yaml', 1.0), ('../elsewhere', 0.5)], best_epoch=None,
+                               best_metric=None, pending=(None, None)))
+    assert saver.files == []
+    saver.save_checkpoint(0, 5.0)
+    saver.save_checkpoint(1, 6.0)  # evicts checkpoint-0 only
+    assert (tmp_path / 'args.yaml').exists() and _kept(tmp_path) == ['checkpoint-1.pth.tar', 'last.pth.tar',
+                                                                      'model_best.pth.tar']
