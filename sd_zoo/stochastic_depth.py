@@ -145,11 +145,112 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(0, index)``, keeping a channels_last layout without an extra copy."""
+def _rows_first(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or for a channels_last batch its NHWC view: a view whose dim-0 rows are contiguous in memory, so
+    row gathers and scatters keep the layout (``index_select`` alone returns a contiguous NCHW tensor)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
-    return x.index_select(0, index)
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+def _as_rows(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous rows-first view as a (rows, row length) matrix: CPU gathers on it copy whole rows at once."""
+    return view.view(view.shape[0], -1) if view.dim() > 2 and view.is_contiguous() else view
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` in ``x``'s memory format (channels_last stays channels_last)."""
+    view = _rows_first(x)
+    rows = _as_rows(view).index_select(0, index).view((len(index),) + view.shape[1:])
+    return rows.permute(0, 3, 1, 2) if view is not x else rows
+
+
+def _add_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``base.index_add_(0, index, rows, alpha=alpha)`` through the rows-first views of both (no layout change)."""
+    view = _rows_first(base)
+    source = (rows.permute(0, 2, 3, 1) if view is not base else rows).to(base.dtype)
+    target = _as_rows(view)
+    if target is not view:
+        source = source.reshape(len(index), -1)
+    target.index_add_(0, index, source, alpha=alpha)
+    return base
+
+
+def _zeros_like_dense(shape: torch.Size, stride: Tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+
+
+class _SplitRows(torch.autograd.Function):
+    """``x -> (copy of x, x's rows at index)``: the start of a subset block whose shortcut is the identity.
+
+    The copy is the tensor the kept branch outputs are added into (``x`` itself is saved by the op that made it,
+    so it cannot be written). Backward returns ``grad_copy`` with ``grad_rows`` added at ``index``: one pass,
+    where autograd's own gather backward would zero a full-size tensor, scatter into it, then add it to the
+    shortcut's gradient. Both outputs and both gradients keep ``x``'s memory format."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(index)
+        return x.clone(), _take_rows(x, index)  # clone() preserves a dense tensor's strides
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_copy: Optional[torch.Tensor], grad_rows: Optional[torch.Tensor]):
+        index, = ctx.saved_tensors
+        if grad_rows is None:  # a branch whose output does not depend on its input
+            return grad_copy, None
+        return _add_rows_(grad_copy.clone(), index, grad_rows), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x``'s rows at ``index`` in ``x``'s memory format, with a backward that keeps that format too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        ctx.meta = (x.shape, x.stride() if dense else None, x.dtype, x.device)
+        return _take_rows(x, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows: torch.Tensor):
+        index, = ctx.saved_tensors
+        shape, stride, dtype, device = ctx.meta
+        grad = _zeros_like_dense(shape, stride, dtype, device) if stride else torch.zeros(shape, dtype=dtype,
+                                                                                          device=device)
+        return _add_rows_(grad, index, grad_rows), None
+
+
+class _AddRows(torch.autograd.Function):
+    """``base`` with ``scale * rows`` added at ``index``: the end of a subset block.
+
+    ``inplace``: ``base`` is a copy made for this (see :class:`_SplitRows`) and is written in place; otherwise
+    a new tensor in ``base``'s memory format, in the wider of the two dtypes (as ``base + rows`` would be under
+    autocast). Backward passes ``grad`` to ``base`` and gathers the rows' gradient in ``grad``'s format."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, scale: float,
+                inplace: bool) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.scale, ctx.base_dtype, ctx.rows_dtype = scale, base.dtype, rows.dtype
+        dtype = torch.promote_types(base.dtype, rows.dtype)
+        if inplace and dtype == base.dtype:
+            ctx.mark_dirty(base)
+            out = base
+        else:
+            out = base.clone() if dtype == base.dtype else base.to(dtype)
+        return _add_rows_(out, index, rows, alpha=scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        index, = ctx.saved_tensors
+        grad_rows = _take_rows(grad, index)
+        if ctx.scale != 1.0:
+            grad_rows = grad_rows.mul_(ctx.scale)
+        return grad.to(ctx.base_dtype), grad_rows.to(ctx.rows_dtype), None, None, None
 
 
 _graph_task_id = getattr(torch._C, '_current_graph_task_id', lambda: -1)
@@ -333,14 +434,12 @@ class StochasticResidual(nn.Module):
         if k == n:
             return self.act(torch.add(shortcut, self.branch(x), alpha=scale))
         index = keep.to(x.device)
-        rows = _take_rows(x, index)
+        if shortcut is x:  # the identity: one copy of x to add into, and one backward pass for both paths
+            base, rows = _SplitRows.apply(x, index)
+        else:
+            base, rows = shortcut, _GatherRows.apply(x, index)
         torch._dynamo.maybe_mark_dynamic(rows, 0)  # a compiled branch (compile_blocks) sees varying sizes
-        out = self.branch(rows)
-        # a new tensor in the shortcut's memory format (out-of-place index_add would return a contiguous
-        # one) and, under autocast, in the wider of the two types, as shortcut + out would be
-        dtype = torch.promote_types(out.dtype, shortcut.dtype)
-        base = shortcut.clone() if shortcut.dtype == dtype else shortcut.to(dtype)
-        return self.act(base.index_add_(0, index, out.to(dtype), alpha=scale))
+        return self.act(_AddRows.apply(base, self.branch(rows), index, scale, shortcut is x))
 
     @torch.jit.unused
     @torch.compiler.disable  # gates are Python decisions: whole-model compile breaks here, see compile_blocks
