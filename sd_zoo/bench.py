@@ -14,9 +14,16 @@ interleaved step by step so that machine drift hits all alike, and reports media
 depth and the limit implied by the schedule. It also measures the same under multi-process DDP, the eval
 throughput of a folded SD model against a plain ResNet, the peak memory of a training step and, with
 ``--compile``, compiled SD against compiled constant depth and the number of compilations.
+
+``--model`` may also name a timm ViT or ConvNeXt (``vit_small_patch16_224``, ``convnext_tiny``): then timm's
+model with its own ``DropPath`` at ``--drop-path`` (timm's per-block rates) is timed against the same model
+converted by ``add_stochastic_depth`` (batch and subset gates), without stochastic depth, and with every gate
+closed; the train part only, with each SD row's ratio to the DropPath step as well.
 """
 import argparse
 import copy
+import functools
+import inspect
 import json
 import multiprocessing
 import os
@@ -26,7 +33,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -36,7 +43,7 @@ from timm.layers import DropPath
 
 from .engine import autocast, autocast_dtype, default_device
 from .checks import check_at_least, check_output_file, write_atomic
-from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, expected_depth, fold_survival_scale, \
+from .stochastic_depth import StochasticResidual, active_blocks, compile_blocks, fold_survival_scale, \
     stochastic_blocks
 
 __all__ = ['add_bench_arguments', 'run_benchmark', 'format_table', 'main']
@@ -45,7 +52,10 @@ TRAIN_VARIANTS = ('sd_batch', 'sd_subset', 'constant', 'sd_sample', 'timm_droppa
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument('--model', default='sd_resnet110', help='an sd-zoo model name (default: sd_resnet110)')
+    parser.add_argument('--model', default='sd_resnet110',
+                        help='an sd-zoo model name (default: sd_resnet110), or a timm ViT / ConvNeXt name '
+                             '(vit_small_patch16_224, convnext_tiny, ...): timm DropPath against the same model '
+                             'converted by add_stochastic_depth, train part only')
     parser.add_argument('--batch-size', type=int, default=128, help='training batch size (default: 128)')
     parser.add_argument('--img-size', type=int, default=None, help='input size (default: the model config\'s)')
     parser.add_argument('--drop-path', type=float, default=0.5, help='1 - p_L (default: 0.5, the paper)')
@@ -104,8 +114,63 @@ def _timm_drop_path_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.act(self.shortcut(x) + self.drop_path(self.branch(x)))
 
 
+BLOCK_VARIANTS = ('sd_batch', 'sd_subset', 'constant', 'timm_droppath', 'stem_head')
+
+
+def is_sd_model(name: str) -> bool:
+    """An sd-zoo model (sd_*); any other --model is a timm ViT / ConvNeXt to convert (see _block_variants)."""
+    return name in timm.list_models('sd_*')
+
+
+def create_bench_model(args, name: Optional[str] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` at the bench's input size: a ViT is built for --img-size (its position embedding is
+    sized for it); convolutional models take any size."""
+    name = name or args.model
+    if args.img_size and not is_sd_model(name) and 'img_size' in _init_parameters(name):
+        kwargs['img_size'] = args.img_size
+    return timm.create_model(name, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _init_parameters(name: str) -> Tuple[str, ...]:
+    """The keyword arguments of the model class behind a timm name (an entrypoint hides its class: build one)."""
+    return tuple(inspect.signature(type(timm.create_model(name)).__init__).parameters)
+
+
+def _block_variants(args, variants) -> Dict[str, nn.Module]:
+    """A timm ViT / ConvNeXt at --drop-path: timm's own DropPath (``timm_droppath``, what a timm user trains), and
+    the same model converted by add_stochastic_depth (``sd_batch``, ``sd_subset``; timm's per-block rates, the
+    DropPath's own); ``constant`` is the model at drop_path_rate 0, ``stem_head`` the converted one with every
+    gate closed."""
+    from .models import add_stochastic_depth
+    torch.manual_seed(args.seed)
+    constant = create_bench_model(args, drop_path_rate=0.0)
+    models = {}
+    for name in variants:
+        if name == 'constant':
+            model = constant
+        elif name == 'timm_droppath':
+            model = create_bench_model(args, drop_path_rate=args.drop_path)
+        elif name in ('sd_batch', 'sd_subset'):
+            model = add_stochastic_depth(create_bench_model(args, drop_path_rate=args.drop_path), inplace=True,
+                                         sd_granularity=name[3:])
+        elif name == 'stem_head':
+            model = add_stochastic_depth(create_bench_model(args, drop_path_rate=0.0), inplace=True)
+            for gate in stochastic_blocks(model):
+                gate.survival_prob = 1e-300
+        else:
+            raise ValueError(f'unknown benchmark variant {name!r} for a timm ViT / ConvNeXt')
+        if model is not constant:
+            model.load_state_dict(constant.state_dict())
+        models[name] = model
+    return models
+
+
 def build_train_variants(args, device: torch.device, variants=TRAIN_VARIANTS) -> Dict[str, nn.Module]:
     """Models for each variant, all with the same initial weights."""
+    if not is_sd_model(args.model):
+        models = _block_variants(args, [v for v in variants if v in BLOCK_VARIANTS])
+        return _to_device(models, args, device)
     torch.manual_seed(args.seed)
     kwargs = dict(sd_rule=args.sd_rule)
     constant = timm.create_model(args.model, drop_path_rate=0.0, **kwargs)
@@ -130,6 +195,10 @@ def build_train_variants(args, device: torch.device, variants=TRAIN_VARIANTS) ->
         if model is not constant:
             model.load_state_dict(constant.state_dict(), strict=False)
         models[name] = model
+    return _to_device(models, args, device)
+
+
+def _to_device(models: Dict[str, nn.Module], args, device: torch.device) -> Dict[str, nn.Module]:
     for model in models.values():
         model.to(device)
         if args.channels_last:
@@ -211,22 +280,27 @@ def bench_train(args, device) -> Dict[str, Any]:
     steps['sd_subset'] = counting_subset_step
     times = time_interleaved(steps, args.steps, args.warmup, device)
 
-    num_blocks = len(stochastic_blocks(any_model))
-    exp_active = expected_depth(num_blocks, 1.0 - args.drop_path, args.sd_rule)
+    gates = stochastic_blocks(models['sd_batch'])  # blocks (sd-zoo ResNets) or branch gates (ViT, ConvNeXt)
+    num_blocks = len(gates)
+    exp_active = sum(g.survival_prob for g in gates)
     t_const = statistics.median(times['constant'])
+    t_drop_path = statistics.median(times['timm_droppath'])
     fixed_share = statistics.median(times['stem_head']) / t_const
     limit = fixed_share + (1.0 - fixed_share) * exp_active / num_blocks
     return dict(
         variants={name: _summary(t) for name, t in times.items()},
         ratio_to_constant={name: statistics.median(t) / t_const for name, t in times.items()},
         ratio_spread=ratio_spread(times),
+        ratio_to_droppath={name: statistics.median(times[name]) / t_drop_path for name in ('sd_batch', 'sd_subset')},
+        ratio_to_droppath_spread={name: q for name, q in ratio_spread(times, base='timm_droppath').items()
+                                  if name in ('sd_batch', 'sd_subset')},
         num_blocks=num_blocks,
         expected_active_blocks=exp_active,
         mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),
         mean_active_blocks_subset=statistics.fmean(active['sd_subset'][-args.steps:]),
         stem_head_share=fixed_share,
         limit_ratio=limit,
-        limit_assumes='every block costs the same',
+        limit_assumes='every block (gated branch) costs the same',
         stage_costs=bench_stage_costs(args, device, models['sd_batch'], x, y),
     )
 
@@ -239,15 +313,15 @@ def bench_stage_costs(args, device, sd_model: nn.Module, x, y) -> Dict[str, Any]
     """
     stages: Dict[str, List[int]] = {}
     for i, (name, _) in enumerate((n, m) for n, m in sd_model.named_modules() if isinstance(m, StochasticResidual)):
-        stages.setdefault(name.rsplit('.', 1)[0], []).append(i)
+        stages.setdefault(_stage_of(name), []).append(i)
     survival = [b.survival_prob for b in stochastic_blocks(sd_model)]
     models = {}
     for variant in ['none', *stages]:
-        model = build_train_variants(args, device, variants=('constant',))['constant']
+        model = build_train_variants(args, device, variants=('stem_head',))['stem_head']  # every gate closed
         keep = set(stages.get(variant, []))
         for i, block in enumerate(stochastic_blocks(model)):
-            if i not in keep:
-                block.survival_prob = 1e-300
+            if i in keep:
+                block.survival_prob = 1.0
         models[variant] = model
     steps = {n: _make_step(m, x, y, args, device) for n, m in models.items()}
     times = time_interleaved(steps, args.cost_steps, 1, device)
@@ -263,6 +337,15 @@ def bench_stage_costs(args, device, sd_model: nn.Module, x, y) -> Dict[str, Any]
         limit_ratio=expected / total,
         steps=args.cost_steps,
     )
+
+
+def _stage_of(gate_name: str) -> str:
+    """The stage a gate belongs to: 'layer2' for an sd-zoo block 'layer2.3', 'stages.1.blocks' for a ConvNeXt
+    gate 'stages.1.blocks.0.drop_path', 'blocks' for a ViT's 'blocks.4.drop_path1'."""
+    parts = gate_name.split('.')
+    if parts[-1].startswith('drop_path'):  # a branch gate in its block's DropPath slot
+        parts = parts[:-1]
+    return '.'.join(parts[:-1])
 
 
 def _free_port() -> int:
@@ -545,8 +628,8 @@ def check_bench_args(args) -> None:
     check_at_least({f'--{n.replace("_", "-")}': getattr(args, n) for n in _AT_LEAST_0}, 0)
     if not 0.0 <= args.drop_path < 1.0:
         raise ValueError(f'--drop-path (1 - p_L) must be in [0, 1), got {args.drop_path}')
-    if args.model not in timm.list_models('sd_*'):
-        raise ValueError(f'unknown sd-zoo model {args.model!r}: choose one of {", ".join(timm.list_models("sd_*"))}')
+    if not is_sd_model(args.model):
+        _check_block_model_args(args)
     check_output_file('--json', args.json, args.overwrite)
     if not wanted_parts(args):
         raise ValueError('nothing to measure: --skip leaves no part, and no --compile or data set was given')
@@ -561,11 +644,30 @@ def check_bench_args(args) -> None:
             raise ValueError(f'--data-models: unknown sd-zoo model {", ".join(unknown)}')
 
 
+def _check_block_model_args(args) -> None:
+    """A --model outside sd-zoo is a timm ViT / ConvNeXt that add_stochastic_depth converts; it has the train
+    part only (DDP, eval folding, memory and compile compare sd-zoo ResNets with plain ones)."""
+    from .models import convertible_blocks
+    if not timm.is_model(args.model) or args.model.endswith('_sd'):
+        raise ValueError(f'unknown --model {args.model!r}: an sd-zoo model ({", ".join(timm.list_models("sd_*"))}) '
+                         f'or a timm ViT / ConvNeXt name such as vit_small_patch16_224 or convnext_tiny')
+    if not convertible_blocks(timm.create_model(args.model)):
+        raise ValueError(f'--model {args.model}: not an sd-zoo model, and it has no timm ViT Block / ResPostBlock or '
+                         f'ConvNeXtBlock for add_stochastic_depth to convert')
+    if args.compile:
+        raise ValueError(f'--model {args.model}: --compile compares sd-zoo ResNets; a converted timm model has the '
+                         f'train part only')
+    if args.sd_rule != 'linear':
+        raise ValueError(f"--sd-rule {args.sd_rule}: a timm model is measured at timm's own per-block rates "
+                         f"(linear, as its DropPath has them)")
+
+
 def wanted_parts(args) -> List[str]:
     """The parts the arguments ask for, in the order they run."""
+    sd = is_sd_model(args.model)  # a converted timm ViT / ConvNeXt has the train part only
     wanted = dict(train='train' not in args.skip, data=bool(args.data_dir or args.dataset),
-                  ddp='ddp' not in args.skip and args.ddp_world_size > 1, eval='eval' not in args.skip,
-                  memory='memory' not in args.skip, compile=args.compile)
+                  ddp=sd and 'ddp' not in args.skip and args.ddp_world_size > 1, eval=sd and 'eval' not in args.skip,
+                  memory=sd and 'memory' not in args.skip, compile=args.compile)
     return [name for name, on in wanted.items() if on]
 
 
@@ -577,7 +679,7 @@ def _data_source(args):
 def _check_input_size(args) -> None:
     """One image through the model in eval mode: an input size it cannot take is this one-line error here,
     not a crash in a DDP or memory child process minutes later."""
-    model = timm.create_model(args.model).eval()
+    model = create_bench_model(args).eval()
     size = args.img_size or model.pretrained_cfg['input_size'][-1]
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
@@ -655,11 +757,16 @@ def _format_train(results: Dict[str, Any]) -> List[str]:
         f"{results['environment']['device']} ({results['environment']['torch_threads']} threads), "
         f"median of {cfg['steps']} steps",
         '',
-        f"{'train step':<28}{'median s':>10}{'/ constant':>12}   {'per-step ratio p25-p75 (min-max)'}",
+        f"{'train step':<28}{'median s':>10}{'/ constant':>12}   {'per-step ratio p25-p75 (min-max)':<36}"
+        f"{'/ DropPath':>11}   {'per-step p25-p75 (min-max)'}",
     ]
     for name, s in train['variants'].items():
-        lines.append(f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}   "
-                     f"{_spread_text(train['ratio_spread'][name])}")
+        line = (f"{name:<28}{s['median_s']:>10.4f}{train['ratio_to_constant'][name]:>12.3f}   "
+                f"{_spread_text(train['ratio_spread'][name]):<36}")
+        if name in train.get('ratio_to_droppath', {}):
+            line += (f"{train['ratio_to_droppath'][name]:>11.3f}   "
+                     f"{_spread_text(train['ratio_to_droppath_spread'][name])}")
+        lines.append(line.rstrip())
     lines.append(f"{'limit (schedule)':<28}{'':>10}{train['limit_ratio']:>12.3f}   "
                  f"(E[active] {train['expected_active_blocks']:.2f}/{train['num_blocks']}, observed "
                  f"{train['mean_active_blocks']:.2f} batch, {train['mean_active_blocks_subset']:.2f} subset; "

@@ -68,8 +68,38 @@ def test_bench_json_is_rewritten_after_each_part(tmp_path, monkeypatch):
 
 
 def test_bench_rejects_unknown_model(capsys):
-    assert main(['bench', '--model', 'resnet50', '--skip', 'ddp', 'eval', 'memory']) == 2
-    assert "unknown sd-zoo model 'resnet50'" in capsys.readouterr().err
+    assert main(['bench', '--model', 'resnet_nonexistent', '--skip', 'ddp', 'eval', 'memory']) == 2
+    assert "unknown --model 'resnet_nonexistent'" in capsys.readouterr().err
+    assert main(['bench', '--model', 'resnet50']) == 2  # a timm model, but not one add_stochastic_depth's gates fit
+    assert 'no timm ViT Block / ResPostBlock or ConvNeXtBlock' in capsys.readouterr().err
+    assert main(['bench', '--model', 'convnext_atto', '--compile']) == 2
+    assert '--compile compares sd-zoo ResNets' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('model, size, stages', [
+    ('vit_tiny_patch16_224', 32, {'blocks'}),
+    ('convnext_atto', 32, {f'stages.{i}.blocks' for i in range(4)}),
+])
+def test_bench_times_timm_droppath_against_converted_gates(tmp_path, capsys, model, size, stages):
+    """A timm ViT / ConvNeXt: its DropPath against the converted model's batch and subset gates at timm's own
+    per-block rates, the train part only (no DDP, eval or memory rows without --skip)."""
+    import timm
+    from sd_zoo.models import add_stochastic_depth, branch_rates
+    out = tmp_path / 'bench.json'
+    assert main(['bench', '--model', model, '--img-size', str(size), '--batch-size', '4', '--steps', '2',
+                 '--warmup', '1', '--cost-steps', '1', '--drop-path', '0.4', '--json', str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert set(res) == {'config', 'environment', 'train'}
+    train = res['train']
+    assert set(train['variants']) == {'sd_batch', 'sd_subset', 'constant', 'timm_droppath', 'stem_head'}
+    assert set(train['ratio_to_droppath']) == set(train['ratio_to_droppath_spread']) == {'sd_batch', 'sd_subset'}
+    # the gates are the DropPath's: one per branch, at timm's rates for drop_path_rate 0.4
+    rates = branch_rates(add_stochastic_depth(timm.create_model(model, drop_path_rate=0.4)))
+    assert train['num_blocks'] == len(rates) and train['expected_active_blocks'] == pytest.approx(sum(rates))
+    assert min(rates) == pytest.approx(0.6) and max(rates) == 1.0
+    assert set(train['stage_costs']['stage_share']) == stages
+    assert 0 < train['limit_ratio'] < 1 and '/ DropPath' in printed
 
 
 @pytest.mark.slow
