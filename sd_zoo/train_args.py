@@ -53,6 +53,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--mean', type=float, nargs='+', default=None)
     g.add_argument('--std', type=float, nargs='+', default=None)
     g.add_argument('--interpolation', default='')
+    g.add_argument('--crop-pct', type=float, default=None,
+                   help='eval center-crop fraction (default: the model config\'s; 1.0 evaluates whole 32 px CIFAR '
+                        'images as they are, where a timm ViT\'s 0.9 would resize them first)')
     g.add_argument('-b', '--batch-size', type=int, default=128)
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
@@ -271,6 +274,8 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--decay-epochs must be greater than 0, got {args.decay_epochs:g}')
     if args.sched == 'plateau' and args.sched_on_updates:
         raise ValueError('--sched plateau steps once per epoch: drop --sched-on-updates')
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise ValueError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     _check_normalization(args)
     if not args.model.startswith(('hf-hub:', 'local-dir:')):
         check_model_name(args.model)

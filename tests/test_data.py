@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -262,6 +263,12 @@ def test_loader_choice():
     imagenet = dict(CIFAR_CFG, input_size=(3, 224, 224), crop_pct=0.875)
     with pytest.raises(ValueError, match='eval transform resizes'):
         sd_data.choose_loader('memory', data_config=imagenet, aug=Augmentation(no_aug=True))
+
+    # a timm ViT at 32 px: its config's crop_pct 0.9 would resize the images; --crop-pct 1 evaluates them as they are
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, depth=1)
+    for crop_pct, loader in ((None, 'timm'), (1.0, 'memory')):
+        cfg = sd_data.resolve_data_config(vit, dict(img_size=32, crop_pct=crop_pct))
+        assert sd_data.choose_loader('auto', data_config=cfg, aug=Augmentation(cifar_aug=True)) == loader
 
 
 @pytest.mark.slow

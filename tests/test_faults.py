@@ -190,6 +190,7 @@ BAD_INPUTS = [
     Bad('train-val-holdout-too-big', lambda w: T(w, '--val-holdout', '1000'), '--val-holdout 1000 must be between'),
     Bad('train-hflip-2', lambda w: T(w, '--hflip', '2'), '--hflip must be in [0, 1]'),
     Bad('train-smoothing-2', lambda w: T(w, '--smoothing', '2'), '--smoothing must be in [0, 1)'),
+    Bad('train-crop-pct-0', lambda w: T(w, '--crop-pct', '0'), '--crop-pct must be in (0, 1]'),
     Bad('train-checkpoint-hist-0', lambda w: T(w, '--checkpoint-hist', '0'), '--checkpoint-hist must be at least 1'),
     Bad('train-resume-missing', lambda w: T(w, '--resume', str(w.tmp / 'gone' / 'last.pth.tar')),
         'no such checkpoint file'),
