@@ -43,27 +43,28 @@ def test_kept_fraction_matches_schedule():
     assert any(0 < s < n for r in ran for s in r)
 
 
-@pytest.mark.parametrize('scaling', ['paper', 'inverted'])
-@pytest.mark.parametrize('stride', [1, 2])
-def test_output_and_grads_equal_gather_branch_scatter_by_hand(scaling, stride):
-    p = 0.6
-    block = CifarBasicBlock(4, 4 * stride, stride=stride, survival_prob=p, granularity='subset', scaling=scaling,
-                            block_index=3, seed=5).train()
-    x = torch.rand(8, 4, 8, 8)
+def _check_against_masked_reference(block, pre, input_act=torch.relu):
+    """A subset block's output, input and parameter gradients and BN statistics equal gathering the kept rows,
+    running the branch on them, adding into the shortcut and activating, done by hand. The input is
+    ``input_act(pre)``, the previous block's activation, and the input gradient is the one reaching ``pre``: a
+    ReLU block passes its dropped rows on as they are, which differs from ReLU-ing them only in the gradient at
+    exact zeros, which the previous ReLU zeroes anyway."""
+    x = input_act(pre)
     for _ in range(10):  # find a step with a proper subset (deterministic: masks depend on seed and step only)
         ref = copy.deepcopy(block)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out = block(xa)
+        xa, xb = pre.clone().requires_grad_(), pre.clone().requires_grad_()
+        out = block(input_act(xa))
         keep = block.last_keep
         if 0 < len(keep) < len(x):
             break
     else:
         pytest.fail('no proper subset drawn in 10 steps')
-    # by hand: gather the kept rows, run the branch on them, add into the shortcut, activate
-    scale = 1 / p if scaling == 'inverted' else 1.0
-    by_hand = ref.shortcut(xb).clone()
-    by_hand[keep] += scale * ref.branch(xb[keep])
-    by_hand = F.relu(by_hand)
+    p = block.survival_prob
+    scale = 1 / p if block.scaling == 'inverted' else 1.0
+    xb_act = input_act(xb)
+    by_hand = ref.shortcut(xb_act).clone()
+    by_hand[keep] += scale * ref.branch(xb_act[keep])
+    by_hand = ref.act(by_hand)
     torch.testing.assert_close(out, by_hand, rtol=0, atol=1e-6)
     w = torch.randn_like(out)
     (out * w).sum().backward()
@@ -72,9 +73,27 @@ def test_output_and_grads_equal_gather_branch_scatter_by_hand(scaling, stride):
     for (name, a), b in zip(block.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     # BatchNorm saw (and tracked) the kept subset's statistics
-    for bn in ('bn1', 'bn2'):
-        torch.testing.assert_close(getattr(block, bn).running_var, getattr(ref, bn).running_var)
-        torch.testing.assert_close(getattr(block, bn).running_mean, getattr(ref, bn).running_mean)
+    for (name, a), b in zip(block.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize('scaling', ['paper', 'inverted'])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_output_and_grads_equal_gather_branch_scatter_by_hand(scaling, stride):
+    block = CifarBasicBlock(4, 4 * stride, stride=stride, survival_prob=0.6, granularity='subset', scaling=scaling,
+                            block_index=3, seed=5).train()
+    _check_against_masked_reference(block, torch.randn(8, 4, 8, 8))
+
+
+@pytest.mark.parametrize('act, where', [('relu', 'layer1.1'), ('silu', 'layer1.1'), ('relu', 'layer2.0')])
+def test_timm_resnet_subset_blocks_equal_the_masked_reference(act, where):
+    """The three ways a subset block ends: an identity shortcut whose act keeps it (ReLU: only the kept rows are
+    added and activated), one whose act does not (SiLU: every row is activated), and a projection shortcut."""
+    model = timm.create_model('sd_resnet18', act_layer=act, drop_path_rate=0.6, sd_granularity='subset', sd_seed=2)
+    block = model.get_submodule(where).train()
+    assert block.act_keeps_shortcut() == (act == 'relu' and where == 'layer1.1')
+    pre = torch.randn(8, block.conv1.in_channels, 8, 8)
+    _check_against_masked_reference(block, pre, torch.relu if act == 'relu' else torch.nn.functional.silu)
 
 
 def test_no_sample_kept_is_a_dropped_block_with_zero_grads():
@@ -289,7 +308,7 @@ def test_autocast_adds_in_the_wider_type():
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_row_gather_and_scatter_gradients(channels_last):
     """The subset block's autograd functions against numerical gradients, in both layouts."""
-    from sd_zoo.stochastic_depth import _AddRows, _GatherRows, _SplitRows
+    from sd_zoo.stochastic_depth import _AddRows, _GatherRows, _PutRows, _SplitRows
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(6, 3, 4, 4, dtype=torch.double).contiguous(memory_format=fmt).requires_grad_()
     rows_in = torch.randn(3, 3, 4, 4, dtype=torch.double).contiguous(memory_format=fmt).requires_grad_()
@@ -302,10 +321,17 @@ def test_row_gather_and_scatter_gradients(channels_last):
     def gather_add(x, rows_in):  # another shortcut (here 2x): a new tensor
         return _AddRows.apply(2 * x, _GatherRows.apply(x, index) * rows_in, index, 0.5, False)
 
-    for fn in (split_add, gather_add):
+    def split_put(x, rows_in):  # identity shortcut, the kept rows replaced: x's copy with x * rows_in at index
+        base, rows = _SplitRows.apply(x, index, True)
+        return _PutRows.apply(base, rows * rows_in, index)
+
+    for fn in (split_add, gather_add, split_put):
         assert torch.autograd.gradcheck(fn, (x, rows_in))
         out = fn(x, rows_in)
         assert out.is_contiguous(memory_format=fmt)
         expected = (2 * x if fn is gather_add else x).detach().clone()
-        expected[index] += 0.5 * x.detach()[index] * rows_in.detach()
+        if fn is split_put:
+            expected[index] = x.detach()[index] * rows_in.detach()
+        else:
+            expected[index] += 0.5 * x.detach()[index] * rows_in.detach()
         torch.testing.assert_close(out, expected)
