@@ -165,29 +165,25 @@ def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.permute(0, 3, 1, 2) if view is not x else rows
 
 
-def _add_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``base.index_add_(0, index, rows, alpha=alpha)`` through the rows-first views of both (no layout change)."""
+def _write_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alpha: Optional[float] = None
+                 ) -> torch.Tensor:
+    """``base.index_add_(0, index, rows, alpha=alpha)``, or with ``alpha=None`` ``base.index_copy_(0, index, rows)``,
+    through the rows-first views of both (no layout change)."""
     view = _rows_first(base)
     source = (rows.permute(0, 2, 3, 1) if view is not base else rows).to(base.dtype)
     target = _as_rows(view)
     if target is not view:
         source = source.reshape(len(index), -1)
-    target.index_add_(0, index, source, alpha=alpha)
+    if alpha is None:
+        target.index_copy_(0, index, source)
+    else:
+        target.index_add_(0, index, source, alpha=alpha)
     return base
 
 
 def _zeros_like_dense(shape: torch.Size, stride: Tuple[int, ...], dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
-
-
-def _copy_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``base.index_copy_(0, index, rows)`` through the rows-first views of both (no layout change)."""
-    view = _rows_first(base)
-    source = (rows.permute(0, 2, 3, 1) if view is not base else rows).to(base.dtype)
-    target = _as_rows(view)
-    target.index_copy_(0, index, source.reshape(len(index), -1) if target is not view else source)
-    return base
 
 
 class _SplitRows(torch.autograd.Function):
@@ -215,8 +211,7 @@ class _SplitRows(torch.autograd.Function):
         if grad_rows is None:  # rows that reach no output (a branch that ignores its input)
             grad_rows = grad_copy.new_zeros((len(index),) + grad_copy.shape[1:])
         grad = grad_copy.clone()
-        return (_copy_rows_(grad, index, grad_rows) if ctx.overwrite else _add_rows_(grad, index, grad_rows)), \
-            None, None
+        return _write_rows_(grad, index, grad_rows, None if ctx.overwrite else 1.0), None, None
 
 
 class _PutRows(torch.autograd.Function):
@@ -236,7 +231,7 @@ class _PutRows(torch.autograd.Function):
             out = base
         else:
             out = base.to(dtype)
-        return _copy_rows_(out, index, rows)
+        return _write_rows_(out, index, rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -262,7 +257,7 @@ class _GatherRows(torch.autograd.Function):
         shape, stride, dtype, device = ctx.meta
         grad = _zeros_like_dense(shape, stride, dtype, device) if stride else torch.zeros(shape, dtype=dtype,
                                                                                           device=device)
-        return _add_rows_(grad, index, grad_rows), None
+        return _write_rows_(grad, index, grad_rows, 1.0), None
 
 
 class _AddRows(torch.autograd.Function):
@@ -283,7 +278,7 @@ class _AddRows(torch.autograd.Function):
             out = base
         else:
             out = base.clone() if dtype == base.dtype else base.to(dtype)
-        return _add_rows_(out, index, rows, alpha=scale)
+        return _write_rows_(out, index, rows, alpha=scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
