@@ -42,6 +42,8 @@ _GATES = {
              'probability 1 - p_l',
     'subset': 'every mini-batch, each sample skips each residual block with probability 1 - p_l; the block\'s '
               'branch is computed only for the samples that keep it',
+    'fixed_subset': 'every mini-batch, each residual block\'s branch is computed for a random subset of '
+                    'max(int(n p_l), 1) of its n samples (the others skip it), as in DINOv2',
     'sample': 'every mini-batch, each sample drops each residual branch with probability 1 - p_l (the branch is '
               'computed for the whole batch and masked, like timm\'s DropPath)',
 }

@@ -24,11 +24,11 @@ __all__ = [
     'RULES', 'GRANULARITIES', 'SCALINGS', 'survival_schedule', 'expected_depth', 'check_sd_args',
     'check_model_sd_args',
     'StochasticResidual', 'stochastic_blocks', 'fold_survival_scale', 'compile_blocks',
-    'set_gate_seed', 'subset_keep_indices', 'active_blocks', 'mix_seeds',
+    'set_gate_seed', 'subset_keep_indices', 'fixed_subset_size', 'active_blocks', 'mix_seeds',
 ]
 
 RULES = ('linear', 'uniform')
-GRANULARITIES = ('batch', 'sample', 'subset')
+GRANULARITIES = ('batch', 'sample', 'subset', 'fixed_subset')
 SCALINGS = ('paper', 'inverted')
 
 
@@ -127,8 +127,10 @@ def subset_keep_indices(
         rank: int,
         batch_size: int,
         survival_prob: float,
+        fixed_size: bool = False,
 ) -> torch.Tensor:
-    """Sorted indices (int64, CPU) of the samples that keep a block: each one independently with ``survival_prob``.
+    """Sorted indices (int64, CPU) of the samples that keep a block: each one independently with ``survival_prob``,
+    or with ``fixed_size`` a uniformly random subset of :func:`fixed_subset_size` samples (DINOv2's way).
 
     Counter-based like :func:`gate_uniform`: a CPU generator seeded from a hash of (seed, block, step, rank),
     never the global RNG, so a rank's masks are reproducible and ranks (which see different data) draw
@@ -136,7 +138,15 @@ def subset_keep_indices(
     """
     z = mix_seeds(seed, _SUBSET_STREAM, block_index, step, rank)
     g = torch.Generator().manual_seed(z)
+    if fixed_size:
+        return torch.randperm(batch_size, generator=g)[:fixed_subset_size(batch_size, survival_prob)].sort().values
     return torch.nonzero(torch.rand(batch_size, generator=g) < survival_prob).squeeze(1)
+
+
+def fixed_subset_size(batch_size: int, survival_prob: float) -> int:
+    """The samples a ``'fixed_subset'`` branch runs on: ``max(int(n * p), 1)``, as DINOv2's ``drop_add_residual_
+    stochastic_depth`` takes them (each sample then keeps the branch with probability k / n, scaled by n / k)."""
+    return max(int(batch_size * survival_prob), 1)
 
 
 def _rank() -> int:
@@ -327,7 +337,9 @@ class StochasticResidual(nn.Module):
     running the branch. ``'sample'``: a per-sample Bernoulli mask (always computes, like DropPath).
     ``'subset'``: a per-sample mask too, but the branch runs on the kept samples only (gathered, then
     added into the shortcut), so compute scales with the kept fraction; the branch's BatchNorms see the
-    kept subset's statistics (see :meth:`_forward_subset`).
+    kept subset's statistics (see :meth:`_forward_subset`). ``'fixed_subset'``: the branch runs on a uniformly
+    random subset of exactly ``max(int(n * p_l), 1)`` samples (DINOv2's way; a static shape), scaled by n / k under
+    inverted scaling (paper scaling evaluates with p_l, within 1 / n of k / n).
     ``scaling='paper'``: unscaled in training, branch times p_l at eval. ``'inverted'``: kept branch
     divided by p_l in training, unscaled at eval. The eval scale lives in the ``eval_scale`` buffer, so
     a state_dict evaluates the same whatever survival arguments the loading model was built with.
@@ -432,7 +444,8 @@ class StochasticResidual(nn.Module):
         """
         if not _in_backward() or self.last_keep is None:
             self.last_keep = subset_keep_indices(
-                self.gate_seed, self.block_index, self.gate_step, _rank(), batch_size, self.survival_prob)
+                self.gate_seed, self.block_index, self.gate_step, _rank(), batch_size, self.survival_prob,
+                fixed_size=self.granularity == 'fixed_subset')
             self.gate_step += 1
         return self.last_keep
 
@@ -473,7 +486,8 @@ class StochasticResidual(nn.Module):
         self.last_gate = k > 0
         if k == 0:
             return self._dropped(shortcut)
-        scale = 1.0 / p if self.scaling == 'inverted' else 1.0
+        # inverted scaling divides by the probability a sample kept the branch: p, or k / n for a fixed-size subset
+        scale = (n / k if self.granularity == 'fixed_subset' else 1.0 / p) if self.scaling == 'inverted' else 1.0
         if k == n:
             return self.act(torch.add(shortcut, self.branch(x), alpha=scale))
         index = keep.to(x.device)
@@ -500,7 +514,7 @@ class StochasticResidual(nn.Module):
         if getattr(self, 'loaded_eval_scale', False) and self._trains():  # getattr: blocks from before it
             self.adopt_own_eval_scale()
         p = self.survival_prob
-        if self.granularity == 'subset':
+        if self.granularity in ('subset', 'fixed_subset'):
             return self._forward_subset(x)
         if self.granularity == 'batch':
             shortcut = self.shortcut(x)

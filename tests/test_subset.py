@@ -59,7 +59,7 @@ def _check_against_masked_reference(block, pre, input_act=torch.relu):
             break
     else:
         pytest.fail('no proper subset drawn in 10 steps')
-    p = block.survival_prob
+    p = len(keep) / len(x) if block.granularity == 'fixed_subset' else block.survival_prob
     scale = 1 / p if block.scaling == 'inverted' else 1.0
     xb_act = input_act(xb)
     by_hand = ref.shortcut(xb_act).clone()
@@ -82,6 +82,34 @@ def _check_against_masked_reference(block, pre, input_act=torch.relu):
 def test_output_and_grads_equal_gather_branch_scatter_by_hand(scaling, stride):
     block = CifarBasicBlock(4, 4 * stride, stride=stride, survival_prob=0.6, granularity='subset', scaling=scaling,
                             block_index=3, seed=5).train()
+    _check_against_masked_reference(block, torch.randn(8, 4, 8, 8))
+
+
+@pytest.mark.parametrize('scaling', ['paper', 'inverted'])
+def test_fixed_subset_runs_exactly_k_samples_each_kept_alike(scaling):
+    """DINOv2's fixed-size subset: every step each block runs its branch on exactly max(int(n p_l), 1) samples,
+    a uniformly random subset (each sample kept with probability k / n), and equals the masked reference with
+    the n / k scale."""
+    from sd_zoo.stochastic_depth import fixed_subset_size
+    model = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_granularity='fixed_subset', sd_scaling=scaling)
+    blocks = stochastic_blocks(model.train())
+    steps, n = 200, 8
+    per_sample = torch.zeros(len(blocks), n)
+    ran = [_batch_sizes_seen(b.conv1) for b in blocks]
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(n, 3, 8, 8))
+            for i, b in enumerate(blocks):
+                assert len(b.last_keep) == fixed_subset_size(n, b.survival_prob)
+                per_sample[i, b.last_keep] += 1
+    for i, b in enumerate(blocks):
+        k = fixed_subset_size(n, b.survival_prob)
+        assert ran[i] == ([k] * steps if k < n else [n] * steps)
+        if k < n:  # each sample keeps the branch with probability k / n
+            sigma = math.sqrt(steps * k / n * (1 - k / n))
+            assert (per_sample[i] - steps * k / n).abs().max() < 4.5 * sigma, (i, per_sample[i])
+    assert fixed_subset_size(8, 0.1) == 1 and fixed_subset_size(8, 0.55) == 4
+    block = CifarBasicBlock(4, 4, survival_prob=0.6, granularity='fixed_subset', scaling=scaling, seed=3).train()
     _check_against_masked_reference(block, torch.randn(8, 4, 8, 8))
 
 

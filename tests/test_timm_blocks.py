@@ -57,11 +57,12 @@ def _masked_reference_vit(block, x, keeps, probs):
     return y + masks[1] * block.ls2(block.mlp(block.norm2(y))) / probs[1]
 
 
-def test_subset_keeps_the_masked_reference_and_its_gradients():
+@pytest.mark.parametrize('granularity', ['subset', 'fixed_subset'])
+def test_subset_keeps_the_masked_reference_and_its_gradients(granularity):
     torch.manual_seed(0)
     model = _model('vit', drop_path_rate=0.6)
     ref_block = copy.deepcopy(model.blocks[-1]).train()
-    converted = add_stochastic_depth(model, sd_granularity='subset', sd_seed=3)
+    converted = add_stochastic_depth(model, sd_granularity=granularity, sd_seed=3)
     block = converted.blocks[-1].train()
     seen_partial = False
     for _ in range(6):
@@ -70,8 +71,11 @@ def test_subset_keeps_the_masked_reference_and_its_gradients():
         out = block(x)
         keeps = [g.last_keep for g in (block.drop_path1, block.drop_path2)]
         seen_partial |= any(k is not None and 0 < len(k) < 8 for k in keeps)
-        ref = _masked_reference_vit(ref_block, x_ref, keeps, [block.drop_path1.survival_prob,
-                                                              block.drop_path2.survival_prob])
+        probs = [len(k) / 8 if granularity == 'fixed_subset' else g.survival_prob  # fixed: scaled by n / k
+                 for k, g in zip(keeps, (block.drop_path1, block.drop_path2))]
+        if granularity == 'fixed_subset':
+            assert [len(k) for k in keeps] == [int(8 * g.survival_prob) for g in (block.drop_path1, block.drop_path2)]
+        ref = _masked_reference_vit(ref_block, x_ref, keeps, probs)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         g = torch.randn_like(out)
         out.backward(g)

@@ -105,8 +105,8 @@ class SDCifarResNet(nn.Module):
 
     ``drop_path_rate`` is timm's name for 1 - p_L (0.5, the paper's p_L = 0.5, by default; 0 gives
     constant depth). ``sd_rule`` ('linear' or 'uniform'), ``sd_granularity`` ('batch' skips dropped
-    blocks, 'sample' masks per sample, 'subset' runs each branch on its kept samples only),
-    ``sd_scaling`` ('paper' or 'inverted') and ``sd_seed`` (the gate sequence; batch gates are identical
+    blocks, 'sample' masks per sample, 'subset' runs each branch on its kept samples only, 'fixed_subset' on
+    a random subset of fixed size), ``sd_scaling`` ('paper' or 'inverted') and ``sd_seed`` (the gate sequence; batch gates are identical
     on every DDP rank, subset masks differ per rank) select the rest.
     """
 

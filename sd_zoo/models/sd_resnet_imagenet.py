@@ -145,7 +145,8 @@ def add_stochastic_depth(
 
     Dropped blocks are skipped, get zero gradients (DDP-safe) and draw reproducible gates, as in the
     sd-zoo models: ``sd_granularity='batch'`` (default) drops a block for the whole mini-batch with
-    rank-consistent gates, ``'subset'`` per sample, running the branch on the kept samples only (``'sample'``,
+    rank-consistent gates, ``'subset'`` per sample, running the branch on the kept samples only (``'fixed_subset'``
+    on a random subset of fixed size; ``'sample'``,
     a DropPath-like mask that always computes, is accepted for ResNets). With the default ``inverted`` scaling the
     eval outputs are unchanged and the state_dict keys are exactly the model's own (the eval scale of 1 is not
     saved); ``paper`` scaling (ResNets) saves each block's eval scale. ``drop_path_rate`` is 1 - p_L for ResNets

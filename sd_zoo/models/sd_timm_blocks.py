@@ -10,7 +10,7 @@ get a gate) or a ``ConvNeXt`` (``ConvNeXtBlock``) so that dropped branches are n
   timm's (a gate holds no parameters and saves nothing) and pretrained timm weights load unchanged;
 * ``'batch'`` gates skip a branch for the whole mini-batch (identical on every DDP rank); ``'subset'`` gates keep
   timm's per-sample survival (each sample keeps each branch with its own probability) and run the branch on the
-  kept samples only;
+  kept samples only; ``'fixed_subset'`` gates run it on a random subset of a fixed size (DINOv2's way);
 * a kept branch is scaled by 1/p as timm's DropPath scales it, so eval outputs are exactly timm's; a dropped
   branch's parameters get exactly-zero gradients (DDP without ``find_unused_parameters``), and gradient
   checkpointing recomputes with the same gates.
@@ -94,8 +94,8 @@ class _ViTGates:
 
     @torch.jit.unused
     def _forward_sd(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        if attn_mask is not None and self.drop_path1.granularity == 'subset':
-            raise ValueError("'subset' gates with an attention mask (whose rows follow the batch): use 'batch' gates")
+        if attn_mask is not None and self.drop_path1.granularity in ('subset', 'fixed_subset'):
+            raise ValueError("subset gates with an attention mask (whose rows follow the batch): use 'batch' gates")
         self._attn_kwargs = (attn_mask, is_causal)
         return self.drop_path2.residual(self.drop_path1.residual(x))
 
@@ -212,7 +212,7 @@ def add_stochastic_depth_to_blocks(model: nn.Module, drop_path_rate: Optional[fl
         check_sd_args(1.0, granularity=sd_granularity)
     if sd_granularity == 'sample':
         raise ValueError("sd_granularity 'sample' computes every branch, as timm's DropPath does: keep DropPath, "
-                         "or choose 'batch' or 'subset'")
+                         "or choose 'batch', 'subset' or 'fixed_subset'")
     rates = _rates(blocks, drop_path_rate, uniform)  # every block read before any changes: an error leaves the model as it was
     for rate in (r for block_rates in rates for r in block_rates):
         check_sd_args(1.0 - rate, granularity=sd_granularity)
