@@ -114,7 +114,7 @@ def _timm_drop_path_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.act(self.shortcut(x) + self.drop_path(self.branch(x)))
 
 
-BLOCK_VARIANTS = ('sd_batch', 'sd_subset', 'constant', 'timm_droppath', 'stem_head')
+BLOCK_VARIANTS = ('sd_batch', 'sd_subset', 'sd_fixed_subset', 'constant', 'timm_droppath', 'stem_head')
 
 
 def is_sd_model(name: str) -> bool:
@@ -139,8 +139,8 @@ def _init_parameters(name: str) -> Tuple[str, ...]:
 
 def _block_variants(args, variants) -> Dict[str, nn.Module]:
     """A timm ViT / ConvNeXt at --drop-path: timm's own DropPath (``timm_droppath``, what a timm user trains), and
-    the same model converted by add_stochastic_depth (``sd_batch``, ``sd_subset``; timm's per-block rates, the
-    DropPath's own); ``constant`` is the model at drop_path_rate 0, ``stem_head`` the converted one with every
+    the same model converted by add_stochastic_depth (``sd_batch``, ``sd_subset``, ``sd_fixed_subset``: timm's
+    per-block rates, the DropPath's own); ``constant`` is the model at drop_path_rate 0, ``stem_head`` the converted one with every
     gate closed."""
     from .models import add_stochastic_depth
     torch.manual_seed(args.seed)
@@ -151,7 +151,7 @@ def _block_variants(args, variants) -> Dict[str, nn.Module]:
             model = constant
         elif name == 'timm_droppath':
             model = create_bench_model(args, drop_path_rate=args.drop_path)
-        elif name in ('sd_batch', 'sd_subset'):
+        elif name in ('sd_batch', 'sd_subset', 'sd_fixed_subset'):
             model = add_stochastic_depth(create_bench_model(args, drop_path_rate=args.drop_path), inplace=True,
                                          sd_granularity=name[3:])
         elif name == 'stem_head':
@@ -166,11 +166,12 @@ def _block_variants(args, variants) -> Dict[str, nn.Module]:
     return models
 
 
-def build_train_variants(args, device: torch.device, variants=TRAIN_VARIANTS) -> Dict[str, nn.Module]:
-    """Models for each variant, all with the same initial weights."""
+def build_train_variants(args, device: torch.device, variants: Optional[Tuple[str, ...]] = None
+                         ) -> Dict[str, nn.Module]:
+    """Models for each variant (default: all of the model family's), all with the same initial weights."""
     if not is_sd_model(args.model):
-        models = _block_variants(args, [v for v in variants if v in BLOCK_VARIANTS])
-        return _to_device(models, args, device)
+        return _to_device(_block_variants(args, variants or BLOCK_VARIANTS), args, device)
+    variants = variants or TRAIN_VARIANTS
     torch.manual_seed(args.seed)
     kwargs = dict(sd_rule=args.sd_rule)
     constant = timm.create_model(args.model, drop_path_rate=0.0, **kwargs)
@@ -291,9 +292,10 @@ def bench_train(args, device) -> Dict[str, Any]:
         variants={name: _summary(t) for name, t in times.items()},
         ratio_to_constant={name: statistics.median(t) / t_const for name, t in times.items()},
         ratio_spread=ratio_spread(times),
-        ratio_to_droppath={name: statistics.median(times[name]) / t_drop_path for name in ('sd_batch', 'sd_subset')},
+        ratio_to_droppath={name: statistics.median(times[name]) / t_drop_path for name in times
+                           if name.startswith('sd_') and name != 'sd_sample'},
         ratio_to_droppath_spread={name: q for name, q in ratio_spread(times, base='timm_droppath').items()
-                                  if name in ('sd_batch', 'sd_subset')},
+                                  if name.startswith('sd_') and name != 'sd_sample'},
         num_blocks=num_blocks,
         expected_active_blocks=exp_active,
         mean_active_blocks=statistics.fmean(active['sd_batch'][-args.steps:]),

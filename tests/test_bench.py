@@ -92,8 +92,10 @@ def test_bench_times_timm_droppath_against_converted_gates(tmp_path, capsys, mod
     res = json.loads(out.read_text())
     assert set(res) == {'config', 'environment', 'train'}
     train = res['train']
-    assert set(train['variants']) == {'sd_batch', 'sd_subset', 'constant', 'timm_droppath', 'stem_head'}
-    assert set(train['ratio_to_droppath']) == set(train['ratio_to_droppath_spread']) == {'sd_batch', 'sd_subset'}
+    assert set(train['variants']) == {'sd_batch', 'sd_subset', 'sd_fixed_subset', 'constant', 'timm_droppath',
+                                      'stem_head'}
+    assert set(train['ratio_to_droppath']) == set(train['ratio_to_droppath_spread']) == {
+        'sd_batch', 'sd_subset', 'sd_fixed_subset'}
     # the gates are the DropPath's: one per branch, at timm's rates for drop_path_rate 0.4
     rates = branch_rates(add_stochastic_depth(timm.create_model(model, drop_path_rate=0.4)))
     assert train['num_blocks'] == len(rates) and train['expected_active_blocks'] == pytest.approx(sum(rates))

@@ -32,6 +32,7 @@ def train_table(names, title):
     print('| train step / constant | ' + ' | '.join(f'`{n}`' for n in runs) + ' |')
     print('|---|' + '---|' * len(runs))
     rows = [('batch gates (`sd_batch`)', 'sd_batch'), ('subset gates (`sd_subset`)', 'sd_subset'),
+            ('fixed-size subset (`sd_fixed_subset`, DINOv2)', 'sd_fixed_subset'),
             ('per-sample mask (`sd_sample`)', 'sd_sample'), ("timm `DropPath`", 'timm_droppath'),
             ('every gate closed (stem, head, shortcuts)', 'stem_head')]
     for label, key in rows:
@@ -44,7 +45,7 @@ def train_table(names, title):
     print('| constant step, median s | ' + ' | '.join(f"{r['train']['variants']['constant']['median_s']:.3f}"
                                                       for r in runs.values()) + ' |')
     if any('ratio_to_droppath' in r['train'] for r in runs.values()):
-        for key in ('sd_batch', 'sd_subset'):
+        for key in ('sd_batch', 'sd_subset', 'sd_fixed_subset'):
             cells = [spread(r['train']['ratio_to_droppath_spread'][key]) if 'ratio_to_droppath' in r['train']
                      else '-' for r in runs.values()]
             print(f'| **{key} / DropPath** | ' + ' | '.join(cells) + ' |')
