@@ -175,19 +175,17 @@ def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.permute(0, 3, 1, 2) if view is not x else rows
 
 
-def _write_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alpha: Optional[float] = None
-                 ) -> torch.Tensor:
-    """``base.index_add_(0, index, rows, alpha=alpha)``, or with ``alpha=None`` ``base.index_copy_(0, index, rows)``,
-    through the rows-first views of both (no layout change)."""
+def _add_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``base.index_add_(0, index, rows, alpha=alpha)`` through the rows-first views of both (no layout change).
+
+    (Writing the kept rows with ``index_copy_`` instead, so that a ReLU block activates only those, was slower:
+    on this project's CPU it runs at about half the speed of ``index_add_``; results/bench_cpu_2026-12-05.)"""
     view = _rows_first(base)
     source = (rows.permute(0, 2, 3, 1) if view is not base else rows).to(base.dtype)
     target = _as_rows(view)
     if target is not view:
         source = source.reshape(len(index), -1)
-    if alpha is None:
-        target.index_copy_(0, index, source)
-    else:
-        target.index_add_(0, index, source, alpha=alpha)
+    target.index_add_(0, index, source, alpha=alpha)
     return base
 
 
@@ -199,55 +197,23 @@ def _zeros_like_dense(shape: torch.Size, stride: Tuple[int, ...], dtype: torch.d
 class _SplitRows(torch.autograd.Function):
     """``x -> (copy of x, x's rows at index)``: the start of a subset block whose shortcut is the identity.
 
-    The copy is the tensor the kept rows' results go into (``x`` itself is saved by the op that made it, so it
-    cannot be written). ``overwrite=False``: they are added into it (:class:`_AddRows`), and backward returns
-    ``grad_copy`` with ``grad_rows`` added at ``index``, one pass where autograd's own gather backward would zero a
-    full-size tensor, scatter into it, then add it to the shortcut's gradient. ``overwrite=True``: they replace its
-    rows at ``index`` (:class:`_PutRows`), so those rows of the copy reach no output and backward puts
-    ``grad_rows`` in their place (``grad_copy``'s rows there are ignored, so _PutRows need not zero them). Both
-    outputs and both gradients keep ``x``'s memory format."""
+    The copy is the tensor the kept branch outputs are added into (``x`` itself is saved by the op that made it,
+    or held by a caller, so it cannot be written). Backward returns ``grad_copy`` with ``grad_rows`` added at
+    ``index``: one pass, where autograd's own gather backward would zero a full-size tensor, scatter into it, then
+    add it to the shortcut's gradient. Both outputs and both gradients keep ``x``'s memory format."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, overwrite: bool = False
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(index)
-        ctx.overwrite = overwrite
         return x.clone(), _take_rows(x, index)  # clone() preserves a dense tensor's strides
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_copy: Optional[torch.Tensor], grad_rows: Optional[torch.Tensor]):
+    def backward(ctx, grad_copy: torch.Tensor, grad_rows: Optional[torch.Tensor]):
         index, = ctx.saved_tensors
         if grad_rows is None:  # rows that reach no output (a branch that ignores its input)
-            grad_rows = grad_copy.new_zeros((len(index),) + grad_copy.shape[1:])
-        grad = grad_copy.clone()
-        return _write_rows_(grad, index, grad_rows, None if ctx.overwrite else 1.0), None, None
-
-
-class _PutRows(torch.autograd.Function):
-    """``base`` with its rows at ``index`` replaced by ``rows``, written in place (``base`` is the copy
-    :class:`_SplitRows` made with ``overwrite=True``; a new tensor in the wider dtype where ``rows`` is wider).
-
-    Backward passes ``grad`` on to ``base`` as it is, its rows at ``index`` included: the _SplitRows that made
-    ``base`` ignores them (they are the gradient of rows this function overwrote), which saves a zeroing pass."""
-
-    @staticmethod
-    def forward(ctx, base: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.base_dtype, ctx.rows_dtype = base.dtype, rows.dtype
-        dtype = torch.promote_types(base.dtype, rows.dtype)
-        if dtype == base.dtype:
-            ctx.mark_dirty(base)
-            out = base
-        else:
-            out = base.to(dtype)
-        return _write_rows_(out, index, rows)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        index, = ctx.saved_tensors
-        return grad.to(ctx.base_dtype), _take_rows(grad, index).to(ctx.rows_dtype), None
+            return grad_copy, None
+        return _add_rows_(grad_copy.clone(), index, grad_rows), None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -267,7 +233,7 @@ class _GatherRows(torch.autograd.Function):
         shape, stride, dtype, device = ctx.meta
         grad = _zeros_like_dense(shape, stride, dtype, device) if stride else torch.zeros(shape, dtype=dtype,
                                                                                           device=device)
-        return _write_rows_(grad, index, grad_rows, 1.0), None
+        return _add_rows_(grad, index, grad_rows), None
 
 
 class _AddRows(torch.autograd.Function):
@@ -288,7 +254,7 @@ class _AddRows(torch.autograd.Function):
             out = base
         else:
             out = base.clone() if dtype == base.dtype else base.to(dtype)
-        return _write_rows_(out, index, rows, alpha=scale)
+        return _add_rows_(out, index, rows, alpha=scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -404,12 +370,6 @@ class StochasticResidual(nn.Module):
         return shortcut
 
     @torch.jit.unused
-    def act_keeps_shortcut(self) -> bool:
-        """Whether ``act(shortcut) == shortcut`` for an identity shortcut (a ReLU after a ReLU, or no act): then a
-        subset block activates its kept rows only. Must agree with :meth:`dropped_output`."""
-        return False
-
-    @torch.jit.unused
     def branch_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters that a dropped block does not use (all of them, unless overridden)."""
         return (p for p in self.parameters() if p.requires_grad)
@@ -491,17 +451,11 @@ class StochasticResidual(nn.Module):
         if k == n:
             return self.act(torch.add(shortcut, self.branch(x), alpha=scale))
         index = keep.to(x.device)
-        if shortcut is x and self.act_keeps_shortcut():
-            # the other rows' output is their shortcut as it is: add and activate on the kept rows only, and put
-            # them into a copy of x (one backward pass for the shortcut's and the branch's gradients)
-            base, rows = _SplitRows.apply(x, index, True)
-            torch._dynamo.maybe_mark_dynamic(rows, 0)  # a compiled branch (compile_blocks) sees varying sizes
-            return _PutRows.apply(base, self.act(torch.add(rows, self.branch(rows), alpha=scale)), index)
         if shortcut is x:  # the identity: one copy of x to add into, and one backward pass for both paths
             base, rows = _SplitRows.apply(x, index)
         else:
             base, rows = shortcut, _GatherRows.apply(x, index)
-        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)  # a compiled branch (compile_blocks) sees varying sizes
         return self.act(_AddRows.apply(base, self.branch(rows), index, scale, shortcut is x))
 
     @torch.jit.unused

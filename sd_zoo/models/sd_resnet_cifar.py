@@ -79,10 +79,6 @@ class CifarBasicBlock(StochasticResidual):
     # dropped_output is the shortcut itself: the block input is post-ReLU (>= 0), so are its pooled and
     # zero-padded versions, and ReLU(shortcut) == shortcut.
 
-    @torch.jit.unused
-    def act_keeps_shortcut(self) -> bool:
-        return True
-
 
 @register_notrace_function
 def check_input_shape(x: torch.Tensor, in_chans: int, size_multiple: int = 1) -> None:

@@ -44,13 +44,9 @@ class _TimmBlockSD(StochasticResidual):
         # an identity shortcut carries the previous block's activation output: ReLU of it is itself (a
         # projection's output is not); any other activation (SiLU, GELU) is applied, out of place, since
         # the previous activation's backward may still need that tensor
-        if self.act_keeps_shortcut():
+        if self.downsample is None and isinstance(getattr(self, self.last_act), _IDEMPOTENT_ACTS):
             return shortcut
         return self.act(shortcut.clone() if self.downsample is None else shortcut)
-
-    @torch.jit.unused
-    def act_keeps_shortcut(self) -> bool:
-        return self.downsample is None and isinstance(getattr(self, self.last_act), _IDEMPOTENT_ACTS)
 
     @torch.jit.unused
     def branch_parameters(self):

@@ -66,10 +66,6 @@ class StochasticBranch(StochasticResidual):
         return x if self.shortcut_fn is None else getattr(self.__dict__['_owner'], self.shortcut_fn)(x)
 
     @torch.jit.unused
-    def act_keeps_shortcut(self) -> bool:
-        return True  # no activation after the residual add
-
-    @torch.jit.unused
     def branch_parameters(self) -> Iterator[nn.Parameter]:
         owner = self.__dict__['_owner']
         for name in self.param_names:
