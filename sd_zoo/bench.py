@@ -713,6 +713,21 @@ def cpu_description() -> Dict[str, Any]:
     return dict(cpu_model=model, cpu_flags=[f for f in wanted if f in flags])
 
 
+def source_revision() -> Optional[str]:
+    """The git commit of the sd-zoo source that measured (with '+changes' if the tree differs from it), or None
+    outside a git checkout: which code a recorded figure belongs to."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', '-C', here, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(['git', '-C', here, 'status', '--porcelain', '--', '.'], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ('+changes' if changed else '')
+
+
 def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the benchmark described by ``args`` (see ``add_bench_arguments``) and return the results;
     ``on_part(results)`` is called after each part, so a late failure keeps what was measured."""
@@ -726,7 +741,7 @@ def run_benchmark(args, on_part: Optional[Callable[[Dict[str, Any]], None]] = No
         environment=dict(
             device=str(device), torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
             cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-            torch_threads=torch.get_num_threads(), **cpu_description(),
+            torch_threads=torch.get_num_threads(), **cpu_description(), sd_zoo_source=source_revision(),
             date_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None),
     )

@@ -32,6 +32,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert 'p25-p75' in printed and res['ddp']['ratio_spread'] and res['compile']['ratio_spread']
     env = res['environment']
     assert env['date_utc'].endswith('Z') and env['torch_threads'] >= 1 and 'cpu_model' in env
+    assert env['sd_zoo_source'] is None or len(env['sd_zoo_source'].split('+')[0]) == 40  # the commit measured
     assert env['cpu_model'] is None or isinstance(env['cpu_model'], str) and env['cpu_model']
     assert all(v['steps'] == 2 and v['median_s'] > 0 for v in train['variants'].values())
     assert 0 < train['stem_head_share'] < 1 and 0 < train['limit_ratio'] < 1

@@ -7,7 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/bench_cpu_2026-12-05}
 B=(.venv/bin/sd-zoo bench --overwrite)
-run() { local name=$1; shift; echo "== $name: sd-zoo bench $*"; "${B[@]}" "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"; }
+# KEEP_DONE=1 keeps the JSONs already there (a run interrupted part way continues with the rest)
+run() {
+  local name=$1; shift
+  if [[ ${KEEP_DONE:-} == 1 && -f $OUT/$name.json ]]; then echo "== $name: kept"; return; fi
+  echo "== $name: sd-zoo bench $*"; "${B[@]}" "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"
+}
 # sd_resnet110, batch 128, p_L 0.5 (the paper's CIFAR setting): every part, float32 then bf16 + channels-last
 run sd_resnet110_fp32
 run sd_resnet110_bf16_cl --amp --channels-last --skip ddp eval memory

@@ -46,8 +46,8 @@ def train_table(names, title):
                                                       for r in runs.values()) + ' |')
     if any('ratio_to_droppath' in r['train'] for r in runs.values()):
         for key in ('sd_batch', 'sd_subset', 'sd_fixed_subset'):
-            cells = [spread(r['train']['ratio_to_droppath_spread'][key]) if 'ratio_to_droppath' in r['train']
-                     else '-' for r in runs.values()]
+            cells = [spread(r['train']['ratio_to_droppath_spread'][key])
+                     if key in r['train'].get('ratio_to_droppath_spread', {}) else '-' for r in runs.values()]
             print(f'| **{key} / DropPath** | ' + ' | '.join(cells) + ' |')
     for n, r in runs.items():
         c = r['config']
