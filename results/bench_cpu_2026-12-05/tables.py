@@ -79,7 +79,7 @@ def other_table():
 
 def compile_table():
     runs = {n: load(n) for n in ('sd_resnet110_fp32_compile', 'sd_resnet110_bf16_cl_compile')}
-    runs = {n: r for n, r in runs.items() if r}
+    runs = {n: r for n, r in runs.items() if r and 'compile' in r}
     if not runs:
         return
     print('\n#### Compiled blocks (`compile_blocks`, what `--torchcompile` does), sd_resnet110\n')
@@ -97,7 +97,7 @@ def compile_table():
 def data_table():
     for name in ('data_fp32_cl', 'data_bf16_cl'):
         r = load(name)
-        if not r:
+        if not r or 'data' not in r:
             continue
         print(f'\n#### Data path, whole epochs (`{name}`, one epoch per cell: no spread)\n')
         print('| model / loader | constant img/s | SD img/s | epoch SD / constant | step SD / constant |')
