@@ -189,11 +189,6 @@ def _add_rows_(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, alph
     return base
 
 
-def _zeros_like_dense(shape: torch.Size, stride: Tuple[int, ...], dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
-
-
 class _SplitRows(torch.autograd.Function):
     """``x -> (copy of x, x's rows at index)``: the start of a subset block whose shortcut is the identity.
 
@@ -231,8 +226,10 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor):
         index, = ctx.saved_tensors
         shape, stride, dtype, device = ctx.meta
-        grad = _zeros_like_dense(shape, stride, dtype, device) if stride else torch.zeros(shape, dtype=dtype,
-                                                                                          device=device)
+        if stride is None:  # x was not dense: a contiguous gradient
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        else:  # zeros in x's layout (channels_last stays channels_last)
+            grad = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
         return _add_rows_(grad, index, grad_rows), None
 
 
