@@ -122,13 +122,12 @@ def is_sd_model(name: str) -> bool:
     return name in timm.list_models('sd_*')
 
 
-def create_bench_model(args, name: Optional[str] = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` at the bench's input size: a ViT is built for --img-size (its position embedding is
-    sized for it); convolutional models take any size."""
-    name = name or args.model
-    if args.img_size and not is_sd_model(name) and 'img_size' in _init_parameters(name):
+def create_bench_model(args, **kwargs) -> nn.Module:
+    """``timm.create_model(args.model)`` at the bench's input size: a ViT is built for --img-size (its position
+    embedding is sized for it); convolutional models take any size."""
+    if args.img_size and not is_sd_model(args.model) and 'img_size' in _init_parameters(args.model):
         kwargs['img_size'] = args.img_size
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(args.model, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
