@@ -17,8 +17,8 @@ throughput of a folded SD model against a plain ResNet, the peak memory of a tra
 
 ``--model`` may also name a timm ViT or ConvNeXt (``vit_small_patch16_224``, ``convnext_tiny``): then timm's
 model with its own ``DropPath`` at ``--drop-path`` (timm's per-block rates) is timed against the same model
-converted by ``add_stochastic_depth`` (batch and subset gates), without stochastic depth, and with every gate
-closed; the train part only, with each SD row's ratio to the DropPath step as well.
+converted by ``add_stochastic_depth`` (batch, subset and fixed-subset gates), without stochastic depth, and with
+every gate closed; the train part only, with each SD row's ratio to the DropPath step as well.
 """
 import argparse
 import copy
@@ -139,8 +139,8 @@ def _init_parameters(name: str) -> Tuple[str, ...]:
 def _block_variants(args, variants) -> Dict[str, nn.Module]:
     """A timm ViT / ConvNeXt at --drop-path: timm's own DropPath (``timm_droppath``, what a timm user trains), and
     the same model converted by add_stochastic_depth (``sd_batch``, ``sd_subset``, ``sd_fixed_subset``: timm's
-    per-block rates, the DropPath's own); ``constant`` is the model at drop_path_rate 0, ``stem_head`` the converted one with every
-    gate closed."""
+    per-block rates, the DropPath's own); ``constant`` is the model at drop_path_rate 0, ``stem_head`` the
+    converted one with every gate closed."""
     from .models import add_stochastic_depth
     torch.manual_seed(args.seed)
     constant = create_bench_model(args, drop_path_rate=0.0)

@@ -296,9 +296,11 @@ BAD_INPUTS = [
     Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
     Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "kept for its accuracy on the 'test'"),
     # sd-zoo bench
-    Bad('bench-model-not-sd', lambda w: B(w, '--model', 'resnet50'), 'resnet50: not an sd-zoo model, and it has no timm ViT'),
+    Bad('bench-model-not-sd', lambda w: B(w, '--model', 'resnet50'),
+        'resnet50: not an sd-zoo model, and it has no timm ViT'),
     Bad('bench-model-unknown', lambda w: B(w, '--model', 'resnet_nope'), "unknown --model 'resnet_nope'"),
-    Bad('bench-timm-model-compile', lambda w: B(w, '--model', 'convnext_atto', '--compile'), '--compile compares sd-zoo ResNets'),
+    Bad('bench-timm-model-compile', lambda w: B(w, '--model', 'convnext_atto', '--compile'),
+        '--compile compares sd-zoo ResNets'),
     Bad('bench-steps-0', lambda w: B(w, '--steps', '0'), '--steps must be at least 1'),
     Bad('bench-device-cuda', lambda w: B(w, '--device', 'cuda'), 'no CUDA GPU'),
     Bad('bench-json-missing-folder', lambda w: B(w, '--json', str(w.tmp / 'no' / 'b.json')), 'does not exist'),
