@@ -144,11 +144,12 @@ def train_one_epoch(task, loader, optimizer, *, epoch: int, device: torch.device
             elapsed = time.perf_counter() - start
             img_s, active = seen * world_size / elapsed, active_sum / batches
             if bar is not loader:
-                bar.set_postfix(loss=f'{losses / seen:.4f}', img_s=f'{img_s:.0f}',
-                                active=f'{active:.1f}/{len(blocks)}', refresh=False)
+                gates = dict(active=f'{active:.1f}/{len(blocks)}') if blocks else {}
+                bar.set_postfix(loss=f'{losses / seen:.4f}', img_s=f'{img_s:.0f}', **gates, refresh=False)
             else:
-                _logger.info(f'epoch {epoch} [{batch_idx + 1}/{steps}] loss {losses / seen:.4f} {img_s:.0f} img/s, '
-                             f'active {active:.2f}/{len(blocks)}')
+                gates = f', active {active:.2f}/{len(blocks)}' if blocks else ''
+                _logger.info(f'epoch {epoch} [{batch_idx + 1}/{steps}] loss {losses / seen:.4f} {img_s:.0f} '
+                             f'img/s{gates}')
     wall = time.perf_counter() - start
     return dict(loss=losses / max(seen, 1), wall_s=wall, images_per_s=seen * world_size / max(wall, 1e-9),
                 mean_active_blocks=active_sum / max(batches, 1), num_blocks=len(blocks), num_updates=num_updates)

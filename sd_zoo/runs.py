@@ -15,6 +15,7 @@ of the checkpoint's epoch comes back from ``last_epoch.json``.
 import csv
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -576,8 +577,28 @@ def reconcile_logs(output_dir: str, checkpoint_epoch: int) -> None:
 
 
 def training_times(run_dir: Path) -> Optional[Dict[str, float]]:
-    """Wall-clock time of a run from its epochs.csv: total and median epoch (robust to pauses)."""
-    walls = [float(e['wall_s']) for e in read_csv(Path(run_dir) / 'epochs.csv') if e.get('wall_s')]
-    if not walls:
+    """Wall-clock time of a run from its epochs.csv: total and median epoch (robust to pauses), and the mean
+    number of active blocks per step where every row records it."""
+    path = Path(run_dir) / 'epochs.csv'
+    rows = [e for e in read_csv(path) if e.get('wall_s')]
+    if not rows:
         return None
-    return dict(epochs=len(walls), total_s=sum(walls), median_epoch_s=statistics.median(walls))
+    walls = [_csv_number(path, e, 'wall_s') for e in rows]
+    times = dict(epochs=len(walls), total_s=sum(walls), median_epoch_s=statistics.median(walls))
+    if all(e.get('num_blocks') and e.get('mean_active_blocks') for e in rows):
+        num_blocks = {_csv_number(path, e, 'num_blocks') for e in rows}
+        active = [_csv_number(path, e, 'mean_active_blocks') for e in rows]
+        if len(num_blocks) == 1 and (n := num_blocks.pop()) > 0:
+            times.update(mean_active_blocks=statistics.fmean(active), num_blocks=int(n))
+    return times
+
+
+def _csv_number(path: Path, row: Dict[str, str], key: str) -> float:
+    """A finite, non-negative number from a run's CSV row, or a one-line error naming the file and row."""
+    try:
+        value = float(row[key])
+    except ValueError:
+        value = float('nan')
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f'{path}: epoch {row.get("epoch")!r} has {key} {row[key]!r}, not a non-negative number')
+    return value

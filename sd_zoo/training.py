@@ -362,7 +362,9 @@ def _test_at_best_epoch(run: _Training) -> Dict[str, Any]:
 def _log_epoch(epoch: int, stats: Dict[str, float], eval_metrics, *, epochs_left: int = 0,
                epoch_times: Sequence[float] = ()) -> None:
     msg = f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["wall_s"]:.1f} s, ' \
-          f'{stats["images_per_s"]:.0f} img/s, {stats["mean_active_blocks"]:.2f}/{stats["num_blocks"]} blocks'
+          f'{stats["images_per_s"]:.0f} img/s'
+    if stats['num_blocks']:  # a model without stochastic-depth gates has no blocks to count
+        msg += f', {stats["mean_active_blocks"]:.2f}/{stats["num_blocks"]} blocks'
     if eval_metrics:
         msg += f', val top1 {eval_metrics["top1"]:.2f} loss {eval_metrics["loss"]:.4f}'
     if epochs_left and epoch_times:  # the median epoch of this process (training and validation), so a pause

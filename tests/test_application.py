@@ -166,6 +166,39 @@ def test_card_lists_milestones_only_for_step_schedules():
     assert 'decay_milestones' not in step and 'warmup_lr' not in step
 
 
+def test_card_lists_settings_only_where_they_were_read():
+    from sd_zoo.card import _training_lines
+    recipe = dict(epochs=200, sched='cosine', model_ema=False, model_ema_decay=0.9998, amp=False, amp_dtype='bfloat16')
+    off = '\n'.join(_training_lines(recipe, None, ''))
+    assert '| model_ema | False |' in off and 'model_ema_decay' not in off and 'amp_dtype' not in off
+    on = '\n'.join(_training_lines(dict(recipe, model_ema=True, amp=True), None, ''))
+    assert '| model_ema_decay | 0.9998 |' in on and '| amp_dtype | bfloat16 |' in on
+
+
+def test_card_time_line_says_a_slower_epoch_and_the_gates_limit():
+    from sd_zoo.card import time_saving_line
+    base = dict(median_epoch_s=100.0, total_s=1000.0, epochs=10)
+    faster = time_saving_line(dict(base, median_epoch_s=80.0, mean_active_blocks=6.5, num_blocks=9), base)
+    assert faster.startswith('Training time saved by stochastic depth: 20.0% per epoch')
+    assert 'kept 6.50 of 9 blocks per step on average, so at most 27.8%' in faster
+    slower = time_saving_line(dict(base, median_epoch_s=102.6), base)
+    assert slower.startswith('Stochastic depth saved no training time here: its median epoch took 2.6% longer')
+    assert '-' not in slower.split('(')[0] and 'blocks per step' not in slower
+
+
+def test_training_times_reads_the_active_blocks_and_refuses_a_bad_row(tmp_path):
+    from sd_zoo.runs import training_times
+    head = 'epoch,wall_s,images_per_s,mean_active_blocks,num_blocks,train_loss,eval_top1\n'
+    (tmp_path / 'epochs.csv').write_text(head + '0,10.0,100,6.0,9,2.0,\n1,30.0,100,7.0,9,1.5,\n2,12.0,100,8.0,9,1.2,\n')
+    assert training_times(tmp_path) == dict(epochs=3, total_s=52.0, median_epoch_s=12.0, mean_active_blocks=7.0,
+                                            num_blocks=9)
+    (tmp_path / 'epochs.csv').write_text(head + '0,10.0,100,0.0,0,2.0,\n')  # a model without gates
+    assert training_times(tmp_path) == dict(epochs=1, total_s=10.0, median_epoch_s=10.0)
+    (tmp_path / 'epochs.csv').write_text(head + '0,ten,100,6.0,9,2.0,\n')
+    with pytest.raises(ValueError, match=r"epochs.csv: epoch '0' has wall_s 'ten', not a non-negative number"):
+        training_times(tmp_path)
+
+
 def test_card_describes_the_models_own_gates_and_scaling():
     from sd_zoo.card import _model_lines
     for kwargs, says, not_said in ((dict(), ('not computed', 'each branch scaled by p_l'), 'unscaled'),
