@@ -219,7 +219,8 @@ def time_saving_line(times: Dict[str, float], base_times: Dict[str, float]) -> s
     if times.get('mean_active_blocks') is not None and times.get('num_blocks'):
         kept = times['mean_active_blocks'] / times['num_blocks']
         line += (f' The gates kept {times["mean_active_blocks"]:.2f} of {times["num_blocks"]} blocks per step on '
-                 f'average, so at most {1 - kept:.1%} of the blocks\' work was skipped.')
+                 f'average: {1 - kept:.1%} of the blocks\' work was skipped, the most an epoch could save (the '
+                 f'loader, stem, head and optimizer step always run).')
     return line
 
 
