@@ -22,7 +22,8 @@ import torch
 
 from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
 from .loading import check_repo_id
-from .models.sd_resnet_cifar import CIFAR10_CLASSES
+from .models.sd_resnet_cifar import CIFAR10_CLASSES, SDCifarResNet
+from .models.sd_resnet_imagenet import SDResNet
 from .runs import RunFolder, epochs_done, read_csv, training_times
 
 STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png', 'survival_schedule.png')
@@ -134,6 +135,10 @@ def run_weights(run: RunFolder, model_name: Optional[str], use_ema: bool) -> Wei
     """The run's model as it trained (RunFolder.model), with the input config sd-zoo train resolved for it."""
     from .data import resolve_data_config
     model = run.model(model_name, use_ema)
+    if not isinstance(model, (SDCifarResNet, SDResNet)):
+        raise ValueError(f'{run.args.get("model") or model_name} is not an sd-zoo ResNet, and sd-zoo publish stages '
+                         f'those only (its config.json schema); a converted timm model\'s weights are timm\'s own: '
+                         f'publish them with timm.models.push_to_hf_hub under the timm model\'s name')
     return Weights(run=run, model=model, input_config=resolve_data_config(model, run.args))
 
 
@@ -212,7 +217,7 @@ def check_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwri
         raise ValueError(f'--out {out_dir!r} holds symbolic links ({", ".join(links[:5])}), as a Hub cache does: '
                          f'give an empty or new folder')
     foreign = sorted(p.name for p in out.iterdir() if p.name not in STAGED_FILES + (STAGING_MARKER,))
-    if foreign or not _is_earlier_staging(out):
+    if foreign or not (_is_earlier_staging(out) or _is_cut_short_staging(out)):
         shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
         raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
                          f'new folder')
@@ -221,6 +226,11 @@ def check_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwri
         whose = f'run {earlier["run"]!r}, {earlier["checkpoint"]}' if earlier else 'unknown origin'
         raise ValueError(f'--out {out_dir!r} holds another staging (of {whose}): add --overwrite to replace it, '
                          f'or give an empty or new folder')
+
+
+def _is_cut_short_staging(out: Path) -> bool:
+    """A staging that stopped before its first file: only sd-zoo's own marker, readable."""
+    return [p.name for p in out.iterdir()] == [STAGING_MARKER] and _staging_marker(out) is not None
 
 
 def _staging_marker(out: Path) -> Optional[Dict[str, str]]:

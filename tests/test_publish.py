@@ -269,6 +269,16 @@ def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
     with pytest.raises(ValueError, match=r'holds another staging \(of unknown origin\): add --overwrite'):
         prepare_out_dir(str(own))
     assert prepare_out_dir(str(own), overwrite=True) == own and not any(own.iterdir())
+    # a staging cut short before its first file left only sd-zoo's marker: the same run stages again into it,
+    # another needs --overwrite; a marker that is not sd-zoo's is the user's file
+    source = dict(run='r', run_digest='0123', checkpoint='last.pth.tar')
+    prepare_out_dir(str(own), source)
+    assert prepare_out_dir(str(own), source) == own
+    with pytest.raises(ValueError, match=r"holds another staging \(of run 'r', last.pth.tar\)"):
+        prepare_out_dir(str(own), dict(source, run='other'))
+    (own / '.sd-zoo-staging.json').write_text('my own notes')
+    with pytest.raises(ValueError, match=r"holds files that sd-zoo did not stage \(.sd-zoo-staging.json\)"):
+        prepare_out_dir(str(own), source)
 
 
 def _train(data, out, name, *extra):

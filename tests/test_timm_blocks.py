@@ -202,3 +202,8 @@ def test_sd_zoo_train_validates_a_named_vit(tiny_folder, tmp_path):
     result = validate('vit_tiny_patch16_224_sd', checkpoint=str(tmp_path / 'vit' / 'last.pth.tar'),
                       data_dir=str(tiny_folder), split='test', workers=0, device='cpu', quiet=True)
     assert result['images'] == 20 and 0.0 <= result['top1'] <= 100.0
+    # publish stages sd-zoo ResNets only: a one-line refusal before anything is written
+    from sd_zoo.publishing import publish
+    with pytest.raises(ValueError, match=r"vit_tiny_patch16_224_sd is not an sd-zoo ResNet.*push_to_hf_hub"):
+        publish(str(tmp_path / 'vit'), repo_id='someone/vit', dry_run=True, out=str(tmp_path / 'staged'))
+    assert not (tmp_path / 'staged').exists()
