@@ -207,3 +207,39 @@ def test_sd_zoo_train_validates_a_named_vit(tiny_folder, tmp_path):
     with pytest.raises(ValueError, match=r"vit_tiny_patch16_224_sd is not an sd-zoo ResNet.*push_to_hf_hub"):
         publish(str(tmp_path / 'vit'), repo_id='someone/vit', dry_run=True, out=str(tmp_path / 'staged'))
     assert not (tmp_path / 'staged').exists()
+
+
+def test_named_model_takes_timm_train_py_pretrained_path(tmp_path):
+    """timm's train.py --pretrained-path sends pretrained_cfg_overlay=dict(file=...): NAME_sd loads that file (not
+    NAME's Hub weights; the head is timm's to adapt, 10 classes against the config's 1000) and keeps no weight
+    source in its own config."""
+    from safetensors.torch import save_file
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+    source = timm.create_model('vit_tiny_patch16_224', **kwargs)
+    save_file(source.state_dict(), str(tmp_path / 'mine.safetensors'))
+    named = timm.create_model('vit_tiny_patch16_224_sd', pretrained=True, drop_path_rate=0.2, **kwargs,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'mine.safetensors'), mean=(0.5,) * 3))
+    for key, value in source.state_dict().items():  # the head too, where the class counts match
+        assert torch.equal(named.state_dict()[key], value) or key.startswith('head.'), key
+    cfg = named.pretrained_cfg
+    assert cfg['architecture'] == 'vit_tiny_patch16_224_sd' and 'file' not in cfg and cfg['mean'] == (0.5,) * 3
+
+
+def test_bad_rule_or_rate_for_a_vit_is_a_one_line_error():
+    model = _model('vit', drop_path_rate=0.1)
+    with pytest.raises(ValueError, match="rule"):
+        add_stochastic_depth(model, sd_rule='Uniform')
+    with pytest.raises(ValueError, match=r"drop_path_rate \(1 - p_L\) must be a number"):
+        add_stochastic_depth(model, drop_path_rate='0.1')
+
+
+def test_droppath_left_outside_converted_blocks_is_reported(caplog):
+    """CrossViT's cross-attention blocks are not ViT Blocks: their DropPath stays, and the conversion says so."""
+    model = timm.create_model('crossvit_tiny_240', drop_path_rate=0.1, img_size=[48, 56], num_classes=10)
+    with caplog.at_level('WARNING', logger='sd_zoo.models.sd_timm_blocks'):
+        add_stochastic_depth(model, sd_granularity='subset')
+    assert any('DropPath module(s) outside the converted blocks' in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='sd_zoo.models.sd_timm_blocks'):
+        add_stochastic_depth(_model('vit', drop_path_rate=0.1))
+    assert not caplog.records

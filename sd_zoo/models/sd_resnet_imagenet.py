@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..stochastic_depth import StochasticResidual, check_model_sd_args, survival_schedule
+from ..stochastic_depth import StochasticResidual, check_model_sd_args, check_sd_args, survival_schedule
 
 _IDEMPOTENT_ACTS = (nn.ReLU, nn.ReLU6, nn.Identity)  # act(act(x)) == act(x): a dropped block may skip it
 
@@ -155,6 +155,10 @@ def add_stochastic_depth(
     if not any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         from .sd_timm_blocks import add_stochastic_depth_to_blocks, convertible_blocks
         if convertible_blocks(model):
+            if drop_path_rate is None:
+                check_sd_args(1.0, sd_rule, sd_granularity, sd_scaling)
+            else:
+                check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
             if sd_scaling != 'inverted':
                 raise ValueError("ViT and ConvNeXt blocks take sd_scaling='inverted' (timm's DropPath scaling, so "
                                  "eval outputs and keys stay timm's)")

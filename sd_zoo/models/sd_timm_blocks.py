@@ -18,11 +18,12 @@ get a gate) or a ``ConvNeXt`` (``ConvNeXtBlock``) so that dropped branches are n
 In eval (and under TorchScript) a converted block runs timm's own forward, in which a gate is the identity.
 """
 import copy
+import logging
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_module
+from timm.layers import DropPath, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtBlock
 from timm.models.vision_transformer import Block, ResPostBlock
@@ -32,6 +33,8 @@ from ..stochastic_depth import StochasticResidual, check_sd_args
 __all__ = ['StochasticBranch', 'SDViTBlock', 'SDViTResPostBlock', 'SDConvNeXtBlock', 'add_stochastic_depth_to_blocks',
            'convertible_blocks', 'branch_rates', 'vit_tiny_patch16_224_sd', 'vit_small_patch16_224_sd',
            'vit_base_patch16_224_sd', 'deit_small_patch16_224_sd', 'convnext_atto_sd', 'convnext_tiny_sd']
+
+_logger = logging.getLogger(__name__)
 
 
 class StochasticBranch(StochasticResidual):
@@ -224,7 +227,17 @@ def add_stochastic_depth_to_blocks(model: nn.Module, drop_path_rate: Optional[fl
             setattr(block, slot, StochasticBranch(block, branch_fn, params, 1.0 - rate, sd_granularity, index,
                                                   sd_seed, shortcut_fn=shortcut_fn))
             index += 1
+    _warn_left_droppath(model)
     return model
+
+
+def _warn_left_droppath(model: nn.Module) -> None:
+    """A model with other residual blocks too (CrossViT's cross-attention, MobileViT's convolutions) keeps timm's
+    DropPath there, computing what it drops: say so rather than let the saving look complete."""
+    left = [name for name, m in model.named_modules() if isinstance(m, DropPath) and m.drop_prob > 0]
+    if left:
+        _logger.warning(f'{len(left)} DropPath module(s) outside the converted blocks keep timm\'s masking, which '
+                        f'computes what it drops: {", ".join(left[:3])}{", ..." if len(left) > 3 else ""}')
 
 
 def branch_rates(model: nn.Module) -> Tuple[float, ...]:
@@ -242,11 +255,13 @@ CONVERTED_MODELS = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_p
                     'deit_small_patch16_224', 'convnext_atto', 'convnext_tiny')
 
 
+_WEIGHT_SOURCE_KEYS = ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag', 'architecture')
+
+
 def _converted_cfg(base: str) -> dict:
     """NAME's default config as NAME_sd's, without a weight source of its own (pretrained=True goes through NAME)."""
     from timm.models import get_pretrained_cfg
-    cfg = {k: v for k, v in get_pretrained_cfg(base).to_dict().items()
-           if k not in ('url', 'file', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'source', 'tag', 'architecture')}
+    cfg = {k: v for k, v in get_pretrained_cfg(base).to_dict().items() if k not in _WEIGHT_SOURCE_KEYS}
     return dict(cfg, paper_ids='arXiv:1603.09382', paper_name='Deep Networks with Stochastic Depth',
                 notes=f'{base} with compute-skipping stochastic depth (sd_zoo.add_stochastic_depth); weights: {base}\'s')
 
@@ -254,11 +269,13 @@ def _converted_cfg(base: str) -> dict:
 def _create_converted(variant: str, base: str, pretrained: bool = False, sd_granularity: str = 'batch',
                       sd_seed: int = 0, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> nn.Module:
     import timm
-    model = timm.create_model(base, pretrained=pretrained, **kwargs)
+    # the overlay goes to NAME: timm's train.py --pretrained-path sends its file that way
+    model = timm.create_model(base, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
     add_stochastic_depth_to_blocks(model, None, sd_granularity, sd_seed, inplace=True)
     cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, 'to_dict') else \
         dict(pretrained_cfg or _converted_cfg(base))
-    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=variant)  # its own name, no weight source
+    overlay = {k: v for k, v in (pretrained_cfg_overlay or {}).items() if k not in _WEIGHT_SOURCE_KEYS}
+    model.pretrained_cfg = model.default_cfg = dict(cfg, **overlay, architecture=variant)  # no weight source
     return model
 
 
