@@ -422,8 +422,8 @@ class StochasticResidual(nn.Module):
         The branch runs on ``x``'s kept rows only, so its BatchNorms normalise with (and update their
         running statistics from) the kept subset's batch statistics, a smaller and varying batch. No sample
         kept: a dropped block (shortcut only, zero gradients). One sample kept at a 1x1 output resolution
-        cannot be batch-normalised in training, so that block counts as dropped for the step as well (only
-        tiny inputs reach 1x1; at a larger resolution a single kept sample runs as it is).
+        cannot be batch-normalised in training, so a BatchNorm block counts as dropped for the step as well (only
+        tiny inputs reach 1x1; at a larger resolution, or without BatchNorm, a single kept sample runs as it is).
         """
         p = self.survival_prob
         if p < 1.0 and self._has_sync_bn():
@@ -437,7 +437,7 @@ class StochasticResidual(nn.Module):
         n = x.shape[0]
         keep = self.next_keep(n)
         k = keep.numel()
-        if k == 1 and shortcut.shape[2:].numel() == 1:
+        if k == 1 and shortcut.shape[2:].numel() == 1 and self._has_batch_norm():
             keep = self.last_keep = keep[:0]
             k = 0
         self.last_gate = k > 0
@@ -487,11 +487,23 @@ class StochasticResidual(nn.Module):
         return self.act(torch.addcmul(shortcut, out, keep))
 
     @torch.jit.unused
+    def _branch_modules(self) -> Iterator[nn.Module]:
+        """The modules the branch runs (all of this block's, unless overridden)."""
+        return self.modules()
+
+    @torch.jit.unused
     def _has_sync_bn(self) -> bool:
         """Whether the branch uses SyncBatchNorm; looked up once (models are converted before they train)."""
         if getattr(self, '_sync_bn', None) is None:
-            self._sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+            self._sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self._branch_modules())
         return self._sync_bn
+
+    @torch.jit.unused
+    def _has_batch_norm(self) -> bool:
+        """Whether the branch batch-normalises (a LayerNorm branch, a ViT's or ConvNeXt's, runs one sample)."""
+        if getattr(self, '_batch_norm', None) is None:
+            self._batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self._branch_modules())
+        return self._batch_norm
 
     @torch.jit.unused
     def _trains(self) -> bool:

@@ -243,3 +243,17 @@ def test_droppath_left_outside_converted_blocks_is_reported(caplog):
     with caplog.at_level('WARNING', logger='sd_zoo.models.sd_timm_blocks'):
         add_stochastic_depth(_model('vit', drop_path_rate=0.1))
     assert not caplog.records
+
+
+def test_single_kept_sample_at_1x1_runs_a_layernorm_branch():
+    """The 1x1 single-sample drop is BatchNorm's limit: a ConvNeXt branch (LayerNorm) at 1x1 runs its one sample,
+    while a ResNet block at 1x1 counts as dropped."""
+    model = add_stochastic_depth(_model('convnext', drop_path_rate=0.5), sd_granularity='fixed_subset').train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # 32 px: the last stage is 1x1; k = int(2 p) = 1 there
+    last = [g for g in model.stages[3].modules() if isinstance(g, StochasticBranch)]
+    assert last and all(g.last_gate and g.last_keep.numel() == 1 for g in last)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stages[3].blocks[-1].mlp.parameters())
+    resnet = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_granularity='fixed_subset').train()
+    resnet(torch.randn(2, 3, 4, 4))  # 4 px: the last stage is 1x1
+    single = [b for b in resnet.layer3 if int(2 * b.survival_prob) == 1]
+    assert single and all(not b.last_gate and b.last_keep.numel() == 0 for b in single)

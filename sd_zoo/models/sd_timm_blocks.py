@@ -76,6 +76,14 @@ class StochasticBranch(StochasticResidual):
             params = [part] if isinstance(part, nn.Parameter) else part.parameters() if part is not None else []
             yield from (p for p in params if p.requires_grad)
 
+    @torch.jit.unused
+    def _branch_modules(self) -> Iterator[nn.Module]:
+        owner = self.__dict__['_owner']
+        for name in self.param_names:
+            part = getattr(owner, name)
+            if isinstance(part, nn.Module):
+                yield from part.modules()
+
     def extra_repr(self) -> str:
         return f'{self.branch_fn}, ' + super().extra_repr()
 
