@@ -384,7 +384,9 @@ class StochasticResidual(nn.Module):
         """Draw this block's gate for the current training forward.
 
         Recomputation under activation checkpointing runs inside backward and reuses the gate of the
-        forward it recomputes, so a checkpointed block computes the same function twice.
+        forward it recomputes, so a checkpointed block computes the same function twice. It reuses the last
+        draw: with checkpointing, one forward per backward (a second call before backward would be recomputed
+        with the first call's gates replaced).
         """
         if self.survival_prob >= 1.0:
             self.last_gate = True
