@@ -385,8 +385,8 @@ class StochasticResidual(nn.Module):
 
         Recomputation under activation checkpointing runs inside backward and reuses the gate of the
         forward it recomputes, so a checkpointed block computes the same function twice. It reuses the last
-        draw: with checkpointing, one forward per backward (a second call before backward would be recomputed
-        with the first call's gates replaced).
+        draw: with checkpointing, one forward per backward (with two calls before one backward, the first would be
+        recomputed with the second's gates).
         """
         if self.survival_prob >= 1.0:
             self.last_gate = True
