@@ -578,7 +578,11 @@ def fold_survival_scale(model: nn.Module) -> nn.Module:
             raise ValueError(f'cannot fold the eval scale of {type(block).__name__}: its branch ends in an '
                              f'attention module after the last norm, which is not linear in the scale')
     for block in blocks:
-        norm = getattr(block, getattr(block, 'last_norm', 'bn2'))
+        norm = getattr(block, getattr(block, 'last_norm', 'bn2'), None)
+        if norm is None:  # a converted timm branch's gate: inverted scaling, its eval scale is always 1
+            if float(block.eval_scale) != 1.0:
+                raise ValueError(f'cannot fold the eval scale of {type(block).__name__}: it names no last norm')
+            continue
         scale = block.eval_scale.to(norm.weight.dtype)
         norm.weight.mul_(scale)
         norm.bias.mul_(scale)

@@ -257,3 +257,12 @@ def test_single_kept_sample_at_1x1_runs_a_layernorm_branch():
     resnet(torch.randn(2, 3, 4, 4))  # 4 px: the last stage is 1x1
     single = [b for b in resnet.layer3 if int(2 * b.survival_prob) == 1]
     assert single and all(not b.last_gate and b.last_keep.numel() == 0 for b in single)
+
+
+def test_plain_state_dict_of_a_converted_vit_is_its_own():
+    """Converted branches scale in training (inverted), so there is nothing to fold: timm's keys and tensors."""
+    from sd_zoo import plain_state_dict
+    model = add_stochastic_depth(_model('vit', drop_path_rate=0.2), sd_granularity='subset')
+    plain = plain_state_dict(model)
+    assert list(plain) == list(model.state_dict())
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
