@@ -31,13 +31,13 @@ CITATION = """@inproceedings{huang2016deep,
 }"""
 RECIPE_KEYS = ('epochs', 'batch_size', 'opt', 'lr', 'momentum', 'weight_decay', 'sched', 'decay_milestones',
                'decay_epochs', 'decay_rate', 'min_lr', 'warmup_epochs', 'warmup_lr', 'smoothing', 'model_ema',
-               'model_ema_decay', 'cifar_aug', 'amp', 'amp_dtype', 'channels_last', 'val_holdout', 'seed')
+               'model_ema_decay', 'cifar_aug', 'amp', 'channels_last', 'val_holdout', 'seed')
 # timm's args.yaml holds every default: these keys only mean something to some schedules
 # (timm's create_scheduler_v2: poly reads decay_rate as its power, wsd/rsqrt decay_epochs as the decay phase)
 _SCHEDULE_KEYS = {'decay_milestones': ('multistep',), 'decay_epochs': ('step', 'wsd', 'rsqrt'),
                   'decay_rate': ('step', 'multistep', 'plateau', 'poly'),
                   'min_lr': ('cosine', 'tanh', 'plateau', 'poly', 'wsd', 'rsqrt')}
-_ONLY_WITH = {'model_ema_decay': 'model_ema', 'amp_dtype': 'amp'}
+_ONLY_WITH = {'model_ema_decay': 'model_ema'}
 _GATES = {
     'batch': 'every mini-batch, each residual block is skipped (replaced by its shortcut, not computed) with '
              'probability 1 - p_l',
@@ -211,9 +211,12 @@ def comparison_lines(comparison: Dict[str, Any], results, times) -> List[str]:
 def time_saving_line(times: Dict[str, float], base_times: Dict[str, float]) -> str:
     """The measured per-epoch saving, beside the most the gates allowed: a dropped block saves its branch's
     work only, so the loader, the stem, the head and the optimizer step bound what any schedule can save."""
+    if base_times['median_epoch_s'] <= 0:
+        return ''
     ratio = times['median_epoch_s'] / base_times['median_epoch_s']
-    measured = (f'Training time saved by stochastic depth: {1 - ratio:.1%} per epoch' if ratio <= 1 else
-                f'Stochastic depth saved no training time here: its median epoch took {ratio - 1:.1%} longer')
+    saved = round(100 * (1 - ratio), 1)
+    measured = (f'Training time saved by stochastic depth: {abs(saved):.1f}% per epoch' if saved >= 0 else
+                f'Stochastic depth saved no training time here: its median epoch took {-saved:.1f}% longer')
     line = (f'{measured} (median epoch time ratio {ratio:.3f}; the median ignores epochs slowed by other work on '
             f'the machine).')
     if times.get('mean_active_blocks') is not None and times.get('num_blocks'):

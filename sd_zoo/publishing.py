@@ -125,6 +125,8 @@ def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = N
     twin = check_baseline(weights, baseline, which, use_ema) if baseline else None
     if twin:
         check_selection(twin.run, data, f'--baseline {baseline!r}')
+    for run in (weights.run, twin.run) if twin else (weights.run,):
+        training_times(run.path)  # epochs.csv is read for the card: a malformed one fails here, before any write
     if data:
         check_data(data, weights)
     return Plan(repo_id=repo_id, weights=weights, tag=tag, use_ema=use_ema, data=data, baseline=twin,
@@ -136,7 +138,8 @@ def run_weights(run: RunFolder, model_name: Optional[str], use_ema: bool) -> Wei
     from .data import resolve_data_config
     model = run.model(model_name, use_ema)
     if not isinstance(model, (SDCifarResNet, SDResNet)):
-        raise ValueError(f'{run.args.get("model") or model_name} is not an sd-zoo ResNet, and sd-zoo publish stages '
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        raise ValueError(f'{run.path.name}: {name} is not an sd-zoo ResNet, and sd-zoo publish stages '
                          f'those only (its config.json schema); a converted timm model\'s weights are timm\'s own: '
                          f'publish them with timm.models.push_to_hf_hub under the timm model\'s name')
     return Weights(run=run, model=model, input_config=resolve_data_config(model, run.args))

@@ -588,6 +588,8 @@ def training_times(run_dir: Path) -> Optional[Dict[str, float]]:
     if all(e.get('num_blocks') and e.get('mean_active_blocks') for e in rows):
         num_blocks = {_csv_number(path, e, 'num_blocks') for e in rows}
         active = [_csv_number(path, e, 'mean_active_blocks') for e in rows]
+        if any(not n.is_integer() for n in num_blocks) or any(a > max(num_blocks) for a in active):
+            raise ValueError(f'{path}: num_blocks must be whole numbers and mean_active_blocks at most num_blocks')
         if len(num_blocks) == 1 and (n := num_blocks.pop()) > 0:
             times.update(mean_active_blocks=statistics.fmean(active), num_blocks=int(n))
     return times

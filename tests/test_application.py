@@ -168,11 +168,11 @@ def test_card_lists_milestones_only_for_step_schedules():
 
 def test_card_lists_settings_only_where_they_were_read():
     from sd_zoo.card import _training_lines
-    recipe = dict(epochs=200, sched='cosine', model_ema=False, model_ema_decay=0.9998, amp=False, amp_dtype='bfloat16')
+    recipe = dict(epochs=200, sched='cosine', model_ema=False, model_ema_decay=0.9998, amp=True, channels_last=True)
     off = '\n'.join(_training_lines(recipe, None, ''))
-    assert '| model_ema | False |' in off and 'model_ema_decay' not in off and 'amp_dtype' not in off
-    on = '\n'.join(_training_lines(dict(recipe, model_ema=True, amp=True), None, ''))
-    assert '| model_ema_decay | 0.9998 |' in on and '| amp_dtype | bfloat16 |' in on
+    assert '| model_ema | False |' in off and 'model_ema_decay' not in off and '| channels_last | True |' in off
+    on = '\n'.join(_training_lines(dict(recipe, model_ema=True), None, ''))
+    assert '| model_ema_decay | 0.9998 |' in on
 
 
 def test_card_time_line_says_a_slower_epoch_and_the_gates_limit():
@@ -184,6 +184,10 @@ def test_card_time_line_says_a_slower_epoch_and_the_gates_limit():
     slower = time_saving_line(dict(base, median_epoch_s=102.6), base)
     assert slower.startswith('Stochastic depth saved no training time here: its median epoch took 2.6% longer')
     assert '-' not in slower.split('(')[0] and 'blocks per step' not in slower
+    # a difference that rounds to 0.0% is no loss; a zero baseline time says nothing
+    assert time_saving_line(dict(base, median_epoch_s=100.04), base).startswith('Training time saved by stochastic '
+                                                                              'depth: 0.0% per epoch')
+    assert time_saving_line(base, dict(base, median_epoch_s=0.0)) == ''
 
 
 def test_training_times_reads_the_active_blocks_and_refuses_a_bad_row(tmp_path):
@@ -197,6 +201,10 @@ def test_training_times_reads_the_active_blocks_and_refuses_a_bad_row(tmp_path):
     (tmp_path / 'epochs.csv').write_text(head + '0,ten,100,6.0,9,2.0,\n')
     with pytest.raises(ValueError, match=r"epochs.csv: epoch '0' has wall_s 'ten', not a non-negative number"):
         training_times(tmp_path)
+    for bad in ('0,10.0,100,9.5,9,2.0,\n', '0,10.0,100,6.0,9.7,2.0,\n'):  # more active than blocks; part blocks
+        (tmp_path / 'epochs.csv').write_text(head + bad)
+        with pytest.raises(ValueError, match='mean_active_blocks at most num_blocks'):
+            training_times(tmp_path)
 
 
 def test_card_describes_the_models_own_gates_and_scaling():

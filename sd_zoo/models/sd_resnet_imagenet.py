@@ -177,7 +177,8 @@ def add_stochastic_depth(
 
 @torch.no_grad()
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state_dict of a timm ResNet that computes what ``model`` computes in eval (scales folded)."""
+    """The state_dict of the plain timm model that computes what ``model`` computes in eval: a ResNet's eval
+    scales folded into its norms; a converted ViT or ConvNeXt's own (inverted scaling leaves nothing to fold)."""
     from ..stochastic_depth import fold_survival_scale
     folded = fold_survival_scale(copy.deepcopy(model))
     return {k: v for k, v in folded.state_dict().items() if not k.endswith('eval_scale')}
