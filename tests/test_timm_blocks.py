@@ -266,3 +266,21 @@ def test_plain_state_dict_of_a_converted_vit_is_its_own():
     plain = plain_state_dict(model)
     assert list(plain) == list(model.state_dict())
     assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+
+
+def test_named_model_loads_its_own_folder_and_takes_a_tag(tmp_path, monkeypatch):
+    """local-dir: of a saved NAME_sd loads that folder's weights (not NAME's Hub weights: offline here, where a
+    download fails), converted; NAME_sd.TAG is NAME.TAG's config."""
+    from safetensors.torch import load_file
+    from timm.models import save_for_hf
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+    save_for_hf(timm.create_model('vit_tiny_patch16_224_sd', **kwargs), str(tmp_path), safe_serialization=True,
+                model_args=kwargs)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+    saved = load_file(str(tmp_path / 'model.safetensors'))
+    assert set(loaded.state_dict()) == set(saved)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+    assert any(isinstance(m, StochasticBranch) for m in loaded.modules())
+    tagged = timm.create_model('vit_tiny_patch16_224_sd.augreg_in21k', img_size=32, patch_size=8, depth=2)
+    assert tagged.num_classes == 21843 and tagged.pretrained_cfg['architecture'] == 'vit_tiny_patch16_224_sd'

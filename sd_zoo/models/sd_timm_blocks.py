@@ -277,8 +277,12 @@ def _converted_cfg(base: str) -> dict:
 def _create_converted(variant: str, base: str, pretrained: bool = False, sd_granularity: str = 'batch',
                       sd_seed: int = 0, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs) -> nn.Module:
     import timm
-    # the overlay goes to NAME: timm's train.py --pretrained-path sends its file that way
-    model = timm.create_model(base, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
+    # NAME builds and loads: NAME_sd.TAG is NAME.TAG's weights; a config of its own (hf-hub:, local-dir:) and
+    # timm's train.py --pretrained-path overlay name the weights to load, which must reach NAME
+    if isinstance(pretrained_cfg, str):
+        base, pretrained_cfg = f'{base}.{pretrained_cfg}', None
+    model = timm.create_model(base, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
+                              pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
     add_stochastic_depth_to_blocks(model, None, sd_granularity, sd_seed, inplace=True)
     cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, 'to_dict') else \
         dict(pretrained_cfg or _converted_cfg(base))
