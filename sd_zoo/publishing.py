@@ -220,7 +220,7 @@ def check_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwri
         raise ValueError(f'--out {out_dir!r} holds symbolic links ({", ".join(links[:5])}), as a Hub cache does: '
                          f'give an empty or new folder')
     foreign = sorted(p.name for p in out.iterdir() if p.name not in STAGED_FILES + (STAGING_MARKER,))
-    if foreign or not (_is_earlier_staging(out) or _is_cut_short_staging(out)):
+    if foreign or not (_is_earlier_staging(out) or _staging_marker(out) is not None):
         shown = ', '.join((foreign or sorted(p.name for p in out.iterdir()))[:5])
         raise ValueError(f'--out {out_dir!r} holds files that sd-zoo did not stage ({shown}): give an empty or '
                          f'new folder')
@@ -231,12 +231,9 @@ def check_out_dir(out_dir: str, source: Optional[Dict[str, str]] = None, overwri
                          f'or give an empty or new folder')
 
 
-def _is_cut_short_staging(out: Path) -> bool:
-    """A staging that stopped before its first file: only sd-zoo's own marker, readable."""
-    return [p.name for p in out.iterdir()] == [STAGING_MARKER] and _staging_marker(out) is not None
-
-
 def _staging_marker(out: Path) -> Optional[Dict[str, str]]:
+    """The run and checkpoint that sd-zoo's marker names, or None where it is absent or not sd-zoo's. The marker is
+    written before any staged file, so it also vouches for a staging cut short before its config.json."""
     import json
     try:
         marker = json.loads((out / STAGING_MARKER).read_text())

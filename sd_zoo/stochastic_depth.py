@@ -495,17 +495,14 @@ class StochasticResidual(nn.Module):
 
     @torch.jit.unused
     def _has_sync_bn(self) -> bool:
-        """Whether the branch uses SyncBatchNorm; looked up once (models are converted before they train)."""
-        if getattr(self, '_sync_bn', None) is None:
-            self._sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self._branch_modules())
-        return self._sync_bn
+        """Whether the branch uses SyncBatchNorm; looked up at each step (a few modules), not cached: a model may be
+        converted with ``convert_sync_batchnorm`` after it has trained a step."""
+        return any(isinstance(m, nn.SyncBatchNorm) for m in self._branch_modules())
 
     @torch.jit.unused
     def _has_batch_norm(self) -> bool:
         """Whether the branch batch-normalises (a LayerNorm branch, a ViT's or ConvNeXt's, runs one sample)."""
-        if getattr(self, '_batch_norm', None) is None:
-            self._batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self._branch_modules())
-        return self._batch_norm
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self._branch_modules())
 
     @torch.jit.unused
     def _trains(self) -> bool:

@@ -205,6 +205,11 @@ def test_training_setups_that_would_silently_break_the_gates_are_errors():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model('sd_resnet20', sd_granularity='subset'))
     with pytest.raises(ValueError, match="'subset' gates cannot train with SyncBatchNorm"):
         synced.train()(x)
+    # ... also when converted after a first training step (nothing remembers the plain BatchNorm)
+    trained = timm.create_model('sd_resnet20', sd_granularity='subset').train()
+    trained(x)
+    with pytest.raises(ValueError, match="'subset' gates cannot train with SyncBatchNorm"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(trained)(x)
     # a scripted model has no Python gates: in training mode it refuses instead of running the eval formula
     scripted = torch.jit.script(timm.create_model('sd_resnet20').eval())
     scripted(x)

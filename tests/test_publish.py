@@ -276,6 +276,11 @@ def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
     assert prepare_out_dir(str(own), source) == own
     with pytest.raises(ValueError, match=r"holds another staging \(of run 'r', last.pth.tar\)"):
         prepare_out_dir(str(own), dict(source, run='other'))
+    # cut short after the weights, before config.json: still sd-zoo's (the marker comes first), replaced as above
+    (own / 'model.safetensors').write_bytes(b'half written')
+    with pytest.raises(ValueError, match=r"holds another staging \(of run 'r', last.pth.tar\)"):
+        prepare_out_dir(str(own), dict(source, run='other'))
+    assert prepare_out_dir(str(own), source) == own and [p.name for p in own.iterdir()] == ['.sd-zoo-staging.json']
     (own / '.sd-zoo-staging.json').write_text('my own notes')
     with pytest.raises(ValueError, match=r"holds files that sd-zoo did not stage \(.sd-zoo-staging.json\)"):
         prepare_out_dir(str(own), source)

@@ -161,6 +161,27 @@ def test_compiled_branches_match_eager_with_a_bounded_number_of_graphs(granulari
     assert 1 <= counters['stats']['unique_graphs'] <= 6
 
 
+def test_an_attention_mask_reaches_the_attention_branch_and_is_not_kept():
+    import weakref
+    model = _model('vit', drop_path_rate=0.5)
+    converted = add_stochastic_depth(copy.deepcopy(model), sd_granularity='batch', sd_seed=0).train()
+    block, plain = converted.blocks[0], model.blocks[0].eval()
+    for gate in _gates(block):
+        gate.survival_prob = 1.0  # both branches kept: timm's forward, mask included
+    x = torch.randn(2, 5, 192)
+    mask = torch.full((5, 5), float('-inf')).triu(1)  # causal
+    with torch.no_grad():
+        out = block(x, attn_mask=mask)
+        torch.testing.assert_close(out, plain(x, attn_mask=mask))
+        assert not torch.allclose(out, plain(x))
+    freed = weakref.ref(mask)
+    del mask
+    assert freed() is None  # the block keeps no reference to the step's mask
+    subset = add_stochastic_depth(copy.deepcopy(model), sd_granularity='subset').train()
+    with pytest.raises(ValueError, match="subset gates with an attention mask"):
+        subset.blocks[0](x, attn_mask=torch.zeros(5, 5))
+
+
 @pytest.mark.parametrize('kind', sorted(MODELS))
 def test_torchscript_and_fx_at_eval_give_timms_outputs(kind):
     from timm.models import create_feature_extractor
@@ -168,7 +189,10 @@ def test_torchscript_and_fx_at_eval_give_timms_outputs(kind):
     converted = add_stochastic_depth(model, sd_granularity='subset').eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(torch.jit.script(converted)(x), model(x))
+        scripted = torch.jit.script(converted)
+        assert torch.equal(scripted(x), model(x))
+        with pytest.raises(Exception, match='cannot train'):  # not timm's forward without gates: it refuses
+            scripted.train()(x)
         node = 'head' if kind != 'convnext' else 'head.fc'
         traced = create_feature_extractor(converted, return_nodes=[node])
         assert torch.equal(traced(x)[node], model(x))

@@ -90,11 +90,15 @@ class StochasticBranch(StochasticResidual):
 
 class _ViTGates:
     """A ViT block's forward with its two gates: in training the attention branch's, then the MLP branch's; in
-    eval (and TorchScript) timm's forward, in which a gate is the identity. ``_attn``/``_mlp`` are the branches."""
+    eval timm's forward, in which a gate is the identity (TorchScript: eval only). ``_attn``/``_mlp`` are the
+    branches."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
+        if self.training:
+            if torch.jit.is_scripting():  # as a ResNet block: the gates are Python, a scripted model infers only
+                raise RuntimeError('a TorchScript stochastic-depth block cannot train: script the model in eval '
+                                   'mode for inference, and train the Python model')
             return self._forward_sd(x, attn_mask, is_causal)
         x = x + self.drop_path1(self._attn(x, attn_mask, is_causal))
         return x + self.drop_path2(self._mlp(x))
@@ -104,7 +108,9 @@ class _ViTGates:
         if attn_mask is not None and self.drop_path1.granularity in ('subset', 'fixed_subset'):
             raise ValueError("subset gates with an attention mask (whose rows follow the batch): use 'batch' gates")
         self._attn_kwargs = (attn_mask, is_causal)
-        return self.drop_path2.residual(self.drop_path1.residual(x))
+        x = self.drop_path1.residual(x)
+        self._attn_kwargs = (None, False)  # the block keeps no mask (nor its memory) past the step
+        return self.drop_path2.residual(x)
 
     @torch.jit.unused
     def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +153,10 @@ class SDConvNeXtBlock(ConvNeXtBlock):
     branches = (('drop_path', '_branch', ('conv_dw', 'norm', 'mlp', 'gamma')),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
+        if self.training:
+            if torch.jit.is_scripting():
+                raise RuntimeError('a TorchScript stochastic-depth block cannot train: script the model in eval '
+                                   'mode for inference, and train the Python model')
             return self.drop_path.residual(x)
         return self.drop_path(self._branch(x)) + self.shortcut(x)  # timm's forward, a gate the identity
 
