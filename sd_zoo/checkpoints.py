@@ -55,15 +55,18 @@ class AtomicCheckpointSaver:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """The bookkeeping of the checkpoint a run resumes from; files since removed are dropped, and the
-        checkpoint's own numbered copy (made right after it was written) is tracked."""
+        checkpoint's own numbered copy (made right after it was written, or now where a kill came first) is
+        tracked."""
         # only names this saver makes (checkpoint-N.pth.tar): a tampered record never names another file to evict
         self.files = [(os.path.basename(f), m) for f, m in state.get('checkpoint_files', [])
                       if NUMBERED.fullmatch(os.path.basename(f)) and (self.folder / os.path.basename(f)).exists()]
         self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
         epoch, metric = state.get('pending', (None, None))
-        if epoch is not None and (self.folder / self._numbered(epoch)).exists() and \
-                self._numbered(epoch) not in [f for f, _ in self.files]:
-            self._track(epoch, metric, update_best_file=False)
+        if epoch is not None and self._numbered(epoch) not in [f for f, _ in self.files]:
+            if (self.folder / self._numbered(epoch)).exists():
+                self._track(epoch, metric, update_best_file=False)
+            elif _epoch_of(self.folder / LAST) == epoch:  # killed between last.pth.tar and its numbered copy
+                self._rank(epoch, metric)
         self.repair_best()
 
     # -- saving
@@ -72,13 +75,18 @@ class AtomicCheckpointSaver:
         torch.save(self._checkpoint_state(epoch, metric), tmp)
         self.written(tmp, epoch)
         os.replace(tmp, last)
+        self._rank(epoch, metric)
+
+    def _rank(self, epoch: int, metric: Optional[float]) -> None:
+        """last.pth.tar (``epoch``) among the numbered copies: copied to checkpoint-N if it ranks, the worst
+        evicted, model_best updated."""
         worst = self.files[-1] if self.files else None
         if len(self.files) < self.max_history or worst[1] is None or \
                 (metric is not None and self.better(metric, worst[1])):
             for name, _ in self.files[self.max_history - 1:]:
                 (self.folder / name).unlink(missing_ok=True)
             self.files = self.files[:self.max_history - 1]
-            self._duplicate(last, self.folder / self._numbered(epoch))
+            self._duplicate(self.folder / LAST, self.folder / self._numbered(epoch))
             self._track(epoch, metric)
 
     def written(self, path: Path, epoch: int) -> None:

@@ -68,6 +68,22 @@ def test_a_kill_before_the_best_copy_is_repaired_on_resume(tmp_path):
     assert load_checkpoint_metadata(str(tmp_path / 'model_best.pth.tar'))['epoch'] == 1 == resumed.best_epoch
 
 
+def test_a_kill_before_the_numbered_copy_still_ranks_that_epoch_on_resume(tmp_path):
+    task, optimizer, args = _parts(tmp_path)
+    saver = AtomicCheckpointSaver(tmp_path, task=task, optimizer=optimizer, args=args, max_history=3)
+    saver.save_checkpoint(0, 10.0)
+    saver.save_checkpoint(1, 20.0)  # the best epoch, killed before its numbered and best copies
+    (tmp_path / 'checkpoint-1.pth.tar').unlink()
+    os.link(tmp_path / 'checkpoint-0.pth.tar', tmp_path / 'stale')
+    os.replace(tmp_path / 'stale', tmp_path / 'model_best.pth.tar')
+    resumed = AtomicCheckpointSaver(tmp_path, task=task, optimizer=optimizer, args=args, max_history=3)
+    resumed.load_state_dict(load_checkpoint_metadata(str(tmp_path / 'last.pth.tar'))['saver'])
+    assert (resumed.best_epoch, resumed.best_metric) == (1, 20.0)
+    assert resumed.files == [('checkpoint-1.pth.tar', 20.0), ('checkpoint-0.pth.tar', 10.0)]
+    for name in ('checkpoint-1.pth.tar', 'model_best.pth.tar'):
+        assert load_checkpoint_metadata(str(tmp_path / name))['epoch'] == 1
+
+
 def test_a_tampered_record_never_names_another_file_to_evict(tmp_path):
     task, optimizer, args = _parts(tmp_path)
     (tmp_path / 'args.yaml').write_text('model: sd_resnet20\n')
