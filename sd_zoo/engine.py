@@ -63,6 +63,18 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+class Float32Loss(nn.Module):
+    """``loss(output.float(), target)``: CPU autocast leaves log_softmax in bfloat16 (CUDA's casts it to float32),
+    so timm's label-smoothing and soft-target (mixup) losses, and their gradients, would be bfloat16 too."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(output.float(), target)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, dtype: Optional[torch.dtype] = None,
              channels_last: bool = False) -> 'OrderedDict[str, float]':

@@ -27,11 +27,11 @@ import torch.nn as nn
 from .checkpoints import AtomicCheckpointSaver
 from .data import Augmentation, DataSource, build_loaders, check_class_count, image_mode, resolve_data_config, \
     set_loader_epoch
-from .engine import NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
+from .engine import Float32Loss, NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
 from .loading import load_weights
 from .models.sd_resnet_cifar import arch_depth
 from .runs import ResumePoint, RunFolder, cannot_resume, create_run_model, model_kwargs_of, test_split_of
-from .stochastic_depth import compile_blocks, set_gate_seed
+from .stochastic_depth import compile_blocks, mix_seeds, set_gate_seed
 from .train_args import build_train_parser, check_train_args, make_train_args, parse_train_args
 
 __all__ = ['train', 'run_training', 'main', 'build_train_parser', 'parse_train_args', 'make_train_args']
@@ -124,7 +124,7 @@ def _prepare(args: argparse.Namespace) -> _Training:
                       distributed=process.distributed, world_size=process.world_size)
         start_epoch = check_start(args, folder, resume, values, process.primary)  # before the loaders
         mixup_fn, train_loss_fn = _losses_and_mixup(args, model.num_classes)
-        task = ClassificationTask(model=model, criterion=train_loss_fn, device=process.device,
+        task = ClassificationTask(model=model, criterion=Float32Loss(train_loss_fn), device=process.device,
                                   verbose=process.primary)
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
         dtype, precision = training_dtype(process.device, args.amp, args.amp_dtype)
@@ -283,12 +283,14 @@ def _open_run_folder(run: _Training) -> None:
 
 def _train_epochs(run: _Training) -> Optional[Dict[str, float]]:
     """Train, validate, checkpoint and log each epoch; returns the last validation metrics."""
-    from timm.utils import distribute_bn
+    from timm.utils import distribute_bn, random_seed
     args, task, loaders = run.args, run.task, run.loaders
     num_updates = run.start_epoch * run.updates_per_epoch
     eval_metrics, epoch_times = None, []
     for epoch in range(run.start_epoch, run.num_epochs):
         epoch_start = time.perf_counter()
+        # torch's, numpy's and Python's generators (mixup, 'sample' gates) from (seed, epoch): a resume continues them
+        random_seed(mix_seeds(args.seed, epoch) % 2 ** 31, run.process.rank)
         set_loader_epoch(loaders.train, epoch)
         stats = _train_epoch(run, epoch, num_updates)
         num_updates = stats['num_updates']

@@ -272,16 +272,19 @@ def test_loader_choice():
 
 
 @pytest.mark.slow
-def test_resume_continues_the_exact_batch_sequence(tmp_path, cache):
+@pytest.mark.parametrize('extra', [[], ['--mixup', '0.5', '--model-kwargs', 'sd_granularity=sample']],
+                         ids=['batch_gates', 'mixup_and_sample_gates'])
+def test_resume_continues_the_exact_batch_sequence(tmp_path, cache, extra):
     """Two epochs in one go, or one epoch and a --resume for the second: the same weights, bit for bit (the
-    in-memory loader's order and augmentation come from (seed, epoch); the gates from (seed, block, step))."""
+    in-memory loader's order and augmentation come from (seed, epoch); the gates from (seed, block, step); mixup
+    and per-sample masks from torch's and numpy's generators, seeded from (seed, epoch) at each epoch)."""
     import timm
     from sd_zoo.cli import main
     root = _image_folder(tmp_path / 'data', classes=tuple(f'c{i}' for i in range(10)), per_class=5, size=32)
     common = ['--data-dir', str(root), '--model', 'sd_resnet20', '--cifar-aug', '--loader', 'memory',
               '--train-split', 'train', '--val-split', 'test', '-b', '8', '-j', '0', '--no-progress',
               '--sched', 'multistep', '--decay-milestones', '100', '--lr', '0.05', '--seed', '3',
-              '--output', str(tmp_path / 'runs')]
+              '--output', str(tmp_path / 'runs'), *extra]
     assert main(['train', *common, '--epochs', '2', '--experiment', 'straight']) == 0
     assert main(['train', *common, '--epochs', '1', '--experiment', 'split']) == 0
     split = tmp_path / 'runs' / 'split'

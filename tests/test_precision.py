@@ -28,6 +28,24 @@ def test_training_dtype_follows_the_device_and_the_cpu():
     assert engine.autocast_dtype(cpu, amp=True, amp_dtype='float16') == torch.bfloat16  # CPU autocast: bf16 only
 
 
+def test_the_training_loss_is_float32_under_cpu_autocast():
+    """CPU autocast computes log_softmax in bfloat16: label smoothing and mixup's soft targets would be bf16."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    logits, target = torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,))
+    soft = torch.softmax(torch.randn(8, 10), -1)
+    for loss, y in ((LabelSmoothingCrossEntropy(0.1), target), (SoftTargetCrossEntropy(), soft)):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16_logits = logits.to(torch.bfloat16)  # what the model's last layer gives under autocast
+            if y is target:  # what the wrapper is for (soft targets: a bf16 log_softmax promoted afterwards)
+                assert loss(bf16_logits, y).dtype == torch.bfloat16
+            out = engine.Float32Loss(loss)(bf16_logits, y)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, loss(bf16_logits.float(), y))
+        out.backward()
+        assert logits.grad is not None and logits.grad.dtype == torch.float32
+
+
 class _Batches(list):
     """A loader: a list of (images, labels) batches."""
 
