@@ -14,7 +14,7 @@ One place for the rules the commands share:
 import json
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -225,10 +225,10 @@ def _read_config(kind: str, where: str, revision: Optional[str]) -> PublishedCon
     if path is None:
         raise ValueError(f'{where!r} has no config.json: it is not a timm model repository')
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             config = json.load(f, parse_constant=_no_constant)
-    except ValueError as e:
-        raise ValueError(f'{where!r}: config.json is not JSON ({e})') from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's parser goes
+        raise ValueError(f'{where!r}: config.json is not JSON ({type(e).__name__}: {str(e)[:160]})') from e
     return check_published_config(config, where)
 
 
@@ -264,15 +264,13 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     if pinned and revision and pinned != revision:
         raise ValueError(f'{source!r} pins the revision {pinned!r} but revision={revision!r} was given: give one')
     revision = pinned or revision
+    if kind == 'local' and revision:
+        raise ValueError(f'{source!r}: revision={revision!r} names a Hub revision; a local folder has none')
     config = _read_config(kind, where, revision)
     arch = config.architecture
     if model_name is not None and timm.models.get_arch_name(model_name) != arch:
         raise ValueError(f'{where!r} holds {arch!r} weights, not {model_name!r}')
     state_dict = _read_published_weights(kind, where, revision)
-    weights_classes = config.model_args.get('num_classes', config.pretrained_cfg.get('num_classes'))
-    if num_classes is not None and weights_classes is not None and num_classes != weights_classes:
-        raise ValueError(f'{where!r} has {weights_classes}-class weights, not {num_classes}: load them as they '
-                         f'are and call model.reset_classifier({num_classes}) to fine-tune')
     # the architecture's own config (no weight source: sd-zoo loads the folder's file itself) with the
     # checked input settings of config.json; pretrained=False, so timm fetches nothing
     pretrained_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), **config.pretrained_cfg,
@@ -283,14 +281,26 @@ def load_published(source: str, model_name: Optional[str] = None, num_classes: O
     pretrained_cfg.update({k: v for k, v in config.pretrained_cfg.items() if k in ('tag', 'label_descriptions')})
     if config.label_names is not None:
         pretrained_cfg['label_names'] = list(config.label_names)
-    try:
-        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg,
-                                  **dict(config.model_args, **kwargs))
-    except TypeError as e:  # say whose argument it is: the caller's, or config.json's
-        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        if bad and bad.group(1) in kwargs:
-            raise ValueError(f'{arch} does not take the argument {bad.group(1)}={kwargs[bad.group(1)]!r}') from e
-        raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e
-    check_published_weights(model, state_dict, where)
+    with torch.device('meta'):  # shapes only: weights that do not fit fail before memory goes to the model
+        skeleton = _create(arch, pretrained_cfg, dict(config.model_args, **kwargs), kwargs, where)
+    check_published_weights(skeleton, state_dict, where)
+    if num_classes is not None and num_classes != skeleton.num_classes:
+        raise ValueError(f'{where!r} has {skeleton.num_classes}-class weights, not {num_classes}: load them as they '
+                         f'are and call model.reset_classifier({num_classes}) to fine-tune')
+    model = _create(arch, pretrained_cfg, dict(config.model_args, **kwargs), kwargs, where)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def _create(arch: str, pretrained_cfg: Dict[str, Any], model_args: Dict[str, Any], caller_kwargs: Dict[str, Any],
+            where: str) -> torch.nn.Module:
+    """``arch`` with config.json's checked arguments and the caller's; pretrained=False, so timm fetches nothing."""
+    import timm
+    try:
+        return timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+    except TypeError as e:  # say whose argument it is: the caller's, or config.json's
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad and bad.group(1) in caller_kwargs:
+            raise ValueError(f'{arch} does not take the argument {bad.group(1)}={caller_kwargs[bad.group(1)]!r}'
+                             ) from e
+        raise ValueError(f'{where!r}: config.json\'s model_args do not fit {arch} ({e})') from e

@@ -9,6 +9,7 @@ folder's own model.safetensors and nothing else. The weights must then be exactl
 (each block's eval scale included), each tensor's shape and dtype, and finite values.
 """
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -22,8 +23,8 @@ __all__ = ['PublishedConfig', 'check_published_config', 'check_published_weights
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg')
 
 
-def _int(least: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+def _int(least: int, most: Optional[int] = None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least and (most is None or v <= most)
 
 
 def _number(low: float, high: float) -> Callable[[Any], bool]:
@@ -45,29 +46,33 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and len(v) <= 1000
 
 
+# Upper bounds: sizes a config.json may ask for before the weights (checked against a model built on the meta
+# device) confirm them, so that a hostile file cannot make a model or an input that exhausts memory
+MAX_CLASSES, MAX_CHANNELS, MAX_INPUT = 100_000, 4096, 4096
 # model_args: what sd_zoo.card.sd_model_args writes, plus the pooling timm's save_for_hf adds
 MODEL_ARGS: Dict[str, Callable[[Any], bool]] = dict(
-    num_classes=_int(1), in_chans=_int(1), drop_rate=_number(0.0, 1.0), drop_path_rate=_number(0.0, 1.0),
+    num_classes=_int(1, MAX_CLASSES), in_chans=_int(1, MAX_CHANNELS), drop_rate=_number(0.0, 1.0), drop_path_rate=_number(0.0, 1.0),
     sd_rule=_choice(RULES), sd_granularity=_choice(GRANULARITIES), sd_scaling=_choice(SCALINGS),
     sd_seed=_int(0), depth=_int(8), shortcut_type=_choice(SHORTCUT_TYPES), global_pool=_choice(POOL_TYPES),
-    channels=_list_of(_int(1), 3), zero_init_last=lambda v: isinstance(v, bool))
+    channels=_list_of(_int(1, MAX_CHANNELS), 3), zero_init_last=lambda v: isinstance(v, bool))
 CIFAR_ONLY = ('depth', 'shortcut_type', 'channels')
 # pretrained_cfg: the input settings a model is evaluated with, and descriptive text. Where weights come
 # from (url, file, hf_hub_id, state_dict, source) is never taken from a file: hf_hub_id, which sd-zoo
 # publish writes to describe the repository, is accepted and ignored; the others are errors.
 PRETRAINED_CFG: Dict[str, Callable[[Any], bool]] = dict(
-    input_size=_list_of(_int(1), 3), fixed_input_size=lambda v: isinstance(v, bool),
+    input_size=_list_of(_int(1, MAX_INPUT), 3), fixed_input_size=lambda v: isinstance(v, bool),
     interpolation=_choice(('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming', 'random', '')),
     crop_pct=_number(0.01, 1.0 + 1e-9), crop_mode=_choice(('center', 'squash', 'border')),
-    mean=_list_of(_number(-1e3, 1e3)), std=_list_of(_number(1e-6, 1e3)), num_classes=_int(1),
-    pool_size=_list_of(_int(1), 2), first_conv=_choice(('conv1',)), classifier=_choice(('fc',)),
+    mean=_list_of(_number(-1e3, 1e3)), std=_list_of(_number(1e-6, 1e3)), num_classes=_int(1, MAX_CLASSES),
+    # timm's save_for_hf writes null for a model saved at another input size than its architecture's
+    pool_size=lambda v: v is None or _list_of(_int(1, MAX_INPUT), 2)(v), first_conv=_choice(('conv1',)), classifier=_choice(('fc',)),
     custom_load=lambda v: v is False, license=_text, paper_name=_text, paper_ids=_text, tag=_text,
     notes=_text, description=_text, origin_url=_text, label_names=_list_of(_text),
     label_descriptions=lambda v: isinstance(v, dict))
 IGNORED_CFG = ('hf_hub_id',)
 TOP_LEVEL: Dict[str, Callable[[Any], bool]] = dict(
-    architecture=_text, num_classes=_int(1), num_features=_int(1), global_pool=_choice(POOL_TYPES),
-    label_names=_list_of(_text), label_descriptions=lambda v: isinstance(v, dict), model_args=lambda v: True,
+    architecture=_text, num_classes=_int(1, MAX_CLASSES), num_features=_int(1, MAX_CHANNELS * 64),
+    global_pool=_choice(POOL_TYPES), label_names=_list_of(_text), label_descriptions=lambda v: isinstance(v, dict), model_args=lambda v: True,
     pretrained_cfg=lambda v: True)
 
 
@@ -100,10 +105,13 @@ def check_published_config(config: Any, where: str) -> PublishedConfig:
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise ValueError(f'{where!r}: config.json is not a timm model config (no "architecture")')
     for key in ('model_args', 'pretrained_cfg'):
-        if not isinstance(config.get(key) or {}, dict):
+        if key in config and not isinstance(config[key], dict):  # null, [] or "" too: not a quiet default
             raise ValueError(f'{where!r}: config.json\'s {key} is not a mapping')
     _checked(config, TOP_LEVEL, 'top level', where)
     arch = config['architecture']
+    if timm.models.get_arch_name(arch) != arch:
+        raise ValueError(f'{where!r}: config.json names the architecture {arch!r} with a tag: it names the '
+                         f'architecture alone, and pretrained_cfg.tag the tag')
     if not timm.models.is_model(arch) or not arch.startswith('sd_'):
         why = 'is not an sd-zoo model' if timm.models.is_model(arch) else 'no installed package registers'
         why = 'which ' + why if why.startswith('no') else why
@@ -119,6 +127,9 @@ def check_published_config(config: Any, where: str) -> PublishedConfig:
                          f'architecture {arch} (depth {depth})')
     cfg = _checked(config.get('pretrained_cfg') or {}, PRETRAINED_CFG, 'pretrained_cfg', where, IGNORED_CFG)
     in_chans = model_args.get('in_chans', 3)
+    if 'input_size' in cfg and cfg['input_size'][0] != in_chans:
+        raise ValueError(f'{where!r}: config.json\'s pretrained_cfg.input_size has {cfg["input_size"][0]} '
+                         f'channels, the model {in_chans}')
     for key in ('mean', 'std'):
         if key in cfg and len(cfg[key]) not in (1, in_chans):
             raise ValueError(f'{where!r}: config.json\'s pretrained_cfg.{key} has {len(cfg[key])} values for '
@@ -129,6 +140,9 @@ def check_published_config(config: Any, where: str) -> PublishedConfig:
     for names in (config.get('label_names'), cfg.get('label_names')):
         if names is not None:
             classes.append(len(names))
+            repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+            if repeated:  # a class name maps to one index: a repeated one would mislabel a class
+                raise ValueError(f'{where!r}: config.json\'s label_names repeat {", ".join(map(repr, repeated[:3]))}')
     if len(set(classes)) > 1:
         raise ValueError(f'{where!r}: config.json gives different class counts ({", ".join(map(str, classes))}) '
                          f'in num_classes, model_args, pretrained_cfg and label_names')

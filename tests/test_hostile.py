@@ -102,6 +102,17 @@ CASES = [
     Tamper('labels-vs-classes', _set('label_names', ['cat', 'dog']), _keep, 'different class counts'),
     Tamper('nan-constant', _set('pretrained_cfg.crop_pct', math.nan), _keep, 'config.json is not JSON'),
     Tamper('top-level-extra', _set('hook', 'import os'), _keep, 'top level has keys sd-zoo does not load: hook'),
+    # sizes that would exhaust memory before the weights could disagree: capped, and checked on the meta device
+    Tamper('huge-classes', _set('model_args.num_classes', 10 ** 10), _keep, 'num_classes is not a valid value'),
+    Tamper('huge-width', _set('model_args.channels', [16, 32, 10 ** 6]), _keep, 'channels is not a valid value'),
+    Tamper('huge-input', _set('pretrained_cfg.input_size', [3, 10 ** 6, 10 ** 6]), _keep,
+           'input_size is not a valid value'),
+    Tamper('width-not-the-weights', _set('model_args.channels', [16, 32, 4000]), _keep,
+           'weight layer3.0.conv1.weight is torch.float32 (64, 32, 3, 3), the model has torch.float32 (4000,'),
+    Tamper('input-channels', _set('pretrained_cfg.input_size', [1, 32, 32]), _keep, 'input_size has 1 channels'),
+    Tamper('tagged-arch', _set('architecture', 'sd_resnet20.cifar10'), _keep, "'sd_resnet20.cifar10' with a tag"),
+    Tamper('repeated-labels', _set('label_names', ['cat'] * 10), _keep, "label_names repeat 'cat'"),
+    Tamper('null-model-args', _set('model_args', None), _keep, "model_args is not a mapping"),
     # weights that are not the model's: never cast, defaulted or evaluated
     Tamper('nan-weights', _keep, _nan, 'weight fc.weight holds NaN or infinite values'),
     Tamper('inf-bn-stats', _keep, _inf, 'layer1.0.bn1.running_var holds NaN or infinite'),
@@ -149,6 +160,25 @@ def test_tampered_local_folder_is_a_one_line_error(case: Tamper, published: Path
         hub.sd_resnet20(pretrained=True, hub_id=f'local-dir:{folder}')
     assert case.message in _one_line(err.value)
     assert not (tmp_path / 'torch_home').exists(), 'something was downloaded'
+
+
+def test_what_timms_export_writes_loads_and_a_class_count_is_checked_against_the_weights(published: Path, tmp_path):
+    # timm's save_for_hf writes pool_size null for a model saved at another input size than its architecture's
+    folder = _tampered(published, Tamper('pool-null', _set('pretrained_cfg.pool_size', None), _keep, ''),
+                       tmp_path / 'pool')
+    assert load_published(f'local-dir:{folder}').num_classes == 10
+    with pytest.raises(ValueError, match='revision'):  # a local folder has no revisions to pick from
+        load_published(f'local-dir:{folder}', revision='v1')
+
+    def classless(config):
+        for section in (config, config['model_args'], config['pretrained_cfg']):
+            section.pop('num_classes', None)
+            section.pop('label_names', None)
+    folder = _tampered(published, Tamper('classless', classless, _keep, ''), tmp_path / 'classless')
+    assert load_published(f'local-dir:{folder}', num_classes=10).num_classes == 10  # sd_resnet20's default
+    with pytest.raises(ValueError) as err:  # config.json does not say: the weights do, and they are 10-class
+        load_published(f'local-dir:{folder}', num_classes=100)
+    assert "has 10-class weights, not 100" in _one_line(err.value)
 
 
 @pytest.mark.parametrize('name', ['pretrained-with-url', 'depth-override', 'nan-weights', 'no-eval-scales'])
