@@ -7,6 +7,7 @@ moves the new file there, so a kill in between leaves none. This one writes the 
 the old one or the new, complete one.
 """
 import logging
+import math
 import operator
 import os
 import re
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ['AtomicCheckpointSaver', 'read_checkpoint_metadata']
+__all__ = ['AtomicCheckpointSaver', 'check_saver_state', 'read_checkpoint_metadata']
 
 _logger = logging.getLogger('sd_zoo.train')
 LAST, BEST, TMP = 'last.pth.tar', 'model_best.pth.tar', 'tmp.pth.tar'
@@ -57,10 +58,11 @@ class AtomicCheckpointSaver:
         """The bookkeeping of the checkpoint a run resumes from; files since removed are dropped, and the
         checkpoint's own numbered copy (made right after it was written, or now where a kill came first) is
         tracked."""
+        check_saver_state(state)
         # only names this saver makes (checkpoint-N.pth.tar): a tampered record never names another file to evict
-        self.files = [(os.path.basename(f), m) for f, m in state.get('checkpoint_files', [])
+        self.files = [(os.path.basename(f), _rankable(m)) for f, m in state.get('checkpoint_files', [])
                       if NUMBERED.fullmatch(os.path.basename(f)) and (self.folder / os.path.basename(f)).exists()]
-        self.best_epoch, self.best_metric = state.get('best_epoch'), state.get('best_metric')
+        self.best_epoch, self.best_metric = state.get('best_epoch'), _rankable(state.get('best_metric'))
         epoch, metric = state.get('pending', (None, None))
         if epoch is not None and self._numbered(epoch) not in [f for f, _ in self.files]:
             if (self.folder / self._numbered(epoch)).exists():
@@ -79,7 +81,8 @@ class AtomicCheckpointSaver:
 
     def _rank(self, epoch: int, metric: Optional[float]) -> None:
         """last.pth.tar (``epoch``) among the numbered copies: copied to checkpoint-N if it ranks, the worst
-        evicted, model_best updated."""
+        evicted, model_best updated. A NaN metric (a diverged --eval-metric loss) ranks as none."""
+        metric = _rankable(metric)
         worst = self.files[-1] if self.files else None
         if len(self.files) < self.max_history or worst[1] is None or \
                 (metric is not None and self.better(metric, worst[1])):
@@ -143,6 +146,32 @@ class AtomicCheckpointSaver:
         except OSError:
             shutil.copy2(src, tmp)
         os.replace(tmp, dst)
+
+
+def _rankable(metric: Optional[float]) -> Optional[float]:
+    """A metric that can be ranked; NaN or infinite compares with nothing, so it ranks as no metric."""
+    return metric if metric is None or math.isfinite(metric) else None
+
+
+def check_saver_state(state: Any) -> None:
+    """The bookkeeping a checkpoint carries (timm's format), checked: a damaged record is a one-line error at the
+    resume, not a TypeError at the end of the next epoch."""
+    def number(v):
+        return v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def epoch(v):
+        return v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def pair(v, first, second):
+        return isinstance(v, (list, tuple)) and len(v) == 2 and first(v[0]) and second(v[1])
+
+    files, pending = (state.get('checkpoint_files', []), state.get('pending', (None, None))) \
+        if isinstance(state, dict) else (None, None)
+    if not (isinstance(files, (list, tuple)) and all(pair(f, lambda n: isinstance(n, str), number) for f in files)
+            and epoch(state.get('best_epoch')) and number(state.get('best_metric'))
+            and pair(pending, epoch, number)):
+        raise ValueError('the checkpoint\'s saver record (which epochs rank best) is damaged: resume from an intact '
+                         'checkpoint of the run')
 
 
 def _epoch_of(path: Path) -> Optional[int]:

@@ -38,6 +38,7 @@ def atomic_path(path: str) -> Iterator[str]:
     """A temporary name to write ``path``'s new content to; on success it replaces ``path`` by one rename, so a
     reader (or a resume) sees the old file or the new one, never half of one. On failure it is removed."""
     tmp = f'{path}.{os.getpid()}.tmp'
+    _create_new(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -53,3 +54,16 @@ def write_atomic(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _create_new(tmp: str) -> None:
+    """``tmp`` made anew by this process (O_EXCL): a link planted under its predictable name is removed, never
+    followed into another file; a leftover of an earlier process with this pid is replaced."""
+    for attempt in range(2):
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return
+        except FileExistsError:
+            if attempt or os.path.isdir(tmp) and not os.path.islink(tmp):
+                raise
+            os.unlink(tmp)

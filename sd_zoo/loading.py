@@ -78,7 +78,7 @@ def check_has_ema(path: str) -> None:
         checkpoint = load_checkpoint_metadata(path)
     except Exception:
         return  # not a checkpoint: read_state_dict says so
-    if isinstance(checkpoint, dict) and not any(k in checkpoint for k in EMA_KEYS):
+    if isinstance(checkpoint, dict) and not any(checkpoint.get(k) is not None for k in EMA_KEYS):
         raise ValueError(f'{path!r} has no EMA weights (its run trained without --model-ema): drop --use-ema / '
                          f'--ema to use its weights')
 

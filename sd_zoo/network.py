@@ -41,8 +41,8 @@ def hub_timeout() -> float:
         seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
     except ValueError:
         raise ValueError(f'SD_ZOO_HUB_TIMEOUT={raw!r} is not a number of seconds') from None
-    if not seconds > 0:
-        raise ValueError(f'SD_ZOO_HUB_TIMEOUT={raw!r} must be more than 0 seconds')
+    if not 0 < seconds <= 86400:  # inf (or NaN) would reach the socket as an overflow, not as "no limit"
+        raise ValueError(f'SD_ZOO_HUB_TIMEOUT={raw!r} must be more than 0 and at most 86400 seconds')
     return seconds
 
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .checkpoints import NUMBERED, AtomicCheckpointSaver, read_checkpoint_metadata
+from .checkpoints import NUMBERED, AtomicCheckpointSaver, check_saver_state, read_checkpoint_metadata
 from .checks import write_atomic
 from .data import TORCH_DATASETS
 from .published import check_run_model_args
@@ -53,7 +53,12 @@ class RunFolderLock:
         self.created = not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, LOCK_NAME)
-        self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a link planted under the lock's name is not followed into another file
+            self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0),
+                                              0o644)
+        except OSError as e:
+            raise ValueError(f'the run folder {folder!r}: its lock file {LOCK_NAME} cannot be opened '
+                             f'({"a symbolic link" if os.path.islink(self.path) else e.strerror})') from None
         try:
             import fcntl
         except ImportError:  # no flock (Windows): one writer is then the user's to keep
@@ -184,7 +189,14 @@ class RunFolder:
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing):
             raise ValueError(f'the output folder {str(self.path)!r} cannot be made: {existing!r} is a file')
-        if not self.path.is_dir() or self.holds(resume):
+        if not self.path.is_dir():
+            return
+        links = sorted(n for n in os.listdir(self.path) if (n in RUN_FILES or NUMBERED.fullmatch(n) or
+                                                             n == LOCK_NAME) and os.path.islink(self.path / n))
+        if links:  # a run appends to its logs and saves into tmp.pth.tar: through a link, into another file
+            raise ValueError(f'the run folder {str(self.path)!r} holds symbolic links where the run writes its '
+                             f'files ({", ".join(links[:4])}): a run folder holds its own files only')
+        if self.holds(resume):
             return
         held = sorted(n for n in os.listdir(self.path) if n in RUN_FILES or NUMBERED.fullmatch(n))
         if held:
@@ -202,12 +214,17 @@ class RunFolder:
             raise ValueError(cannot_resume(resume, e) + _intact_checkpoint(resume)) from e
         meta = meta if isinstance(meta, dict) else {}
         missing = [name for name, present in (
-            ('epoch', isinstance(meta.get('epoch'), int)), ('state_dict', 'state_dict' in meta or 'model' in meta),
+            ('epoch', is_epoch(meta.get('epoch'))), ('state_dict', 'state_dict' in meta or 'model' in meta),
             ('optimizer', 'optimizer' in meta or not need_optimizer)) if not present]
         if missing:
             raise ValueError(f'--resume {resume!r} is not a training checkpoint (it has no {", ".join(missing)}): '
                              f'--resume continues a run from its epoch and optimizer state; to start a new run '
                              f'from these weights give --initial-checkpoint {resume}')
+        if 'saver' in meta:
+            try:
+                check_saver_state(meta['saver'])
+            except ValueError as e:
+                raise ValueError(f'--resume {resume!r}: {e}{_intact_checkpoint(resume)}') from None
         return ResumePoint(path=resume, meta=meta, in_place=self.holds(resume))
 
     def check_resume(self, point: 'ResumePoint', now: Dict[str, Any], start_epoch: Optional[int]) -> None:
@@ -530,9 +547,29 @@ def read_epoch_record(output_dir: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path) as f:
             record = json.load(f)
-        return record if isinstance(record, dict) and isinstance(record.get('epoch'), int) else None
-    except (OSError, ValueError):
+        return record if _is_epoch_record(record) else None
+    except (OSError, ValueError, RecursionError):
         return None
+
+
+def is_epoch(value: Any) -> bool:
+    """An epoch number as a checkpoint or record holds it: an int (not a bool), at least 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_epoch_record(record: Any) -> bool:
+    """What write_epoch_record writes and append_log_rows reads: a damaged record is no record, not a KeyError."""
+    if not isinstance(record, dict) or not is_epoch(record.get('epoch')) or not _is_number(record.get('lr')):
+        return False
+    train, stats, evals = record.get('train_metrics'), record.get('stats'), record.get('eval_metrics')
+    return isinstance(train, dict) and _is_number(train.get('loss')) and isinstance(stats, dict) and all(
+        _is_number(stats.get(k)) for k in ('wall_s', 'images_per_s', 'mean_active_blocks', 'num_blocks', 'loss')) \
+        and (evals is None or isinstance(evals, dict) and all(_is_number(v) for v in evals.values())
+             and 'top1' in evals)
 
 
 def _rewrite_csv(path: str, fieldnames: List[str], rows: List[Dict[str, str]]) -> None:

@@ -95,3 +95,17 @@ def test_a_tampered_record_never_names_another_file_to_evict(tmp_path):
     saver.save_checkpoint(1, 6.0)  # evicts checkpoint-0 only
     assert (tmp_path / 'args.yaml').exists() and _kept(tmp_path) == ['checkpoint-1.pth.tar', 'last.pth.tar',
                                                                       'model_best.pth.tar']
+
+
+def test_a_nan_metric_ranks_as_none_and_a_damaged_record_is_refused(tmp_path):
+    task, optimizer, args = _parts(tmp_path)
+    saver = AtomicCheckpointSaver(tmp_path, task=task, optimizer=optimizer, args=args, max_history=2)
+    for epoch, metric in enumerate([10.0, float('nan'), 20.0]):  # a NaN compares with nothing: never the worst
+        saver.save_checkpoint(epoch, metric)
+    assert (saver.best_epoch, saver.best_metric) == (2, 20.0)
+    assert load_checkpoint_metadata(str(tmp_path / 'model_best.pth.tar'))['epoch'] == 2
+    for damaged in (dict(checkpoint_files=[('checkpoint-0.pth.tar', 'high')]), dict(best_epoch=-1),
+                    dict(pending=(True, 1.0)), dict(checkpoint_files='checkpoint-0.pth.tar')):
+        with pytest.raises(ValueError, match="the checkpoint's saver record .* is damaged"):
+            saver.load_state_dict(dict(dict(checkpoint_files=[], best_epoch=None, best_metric=None,
+                                            pending=(None, None)), **damaged))

@@ -441,6 +441,52 @@ def test_a_resume_whose_record_was_deleted_is_refused(lost, image_folder: Path, 
     assert len(err) == 1 and f'has lost its {lost}' in err[0] and 'epochs 0-1' in err[0], err
 
 
+def test_links_and_damaged_records_in_a_run_folder_are_refused_not_followed(image_folder: Path, tmp_path, capsys):
+    from timm.utils import load_checkpoint_metadata
+    from sd_zoo.runs import read_epoch_record
+    argv = _train(image_folder, '--val-split', 'test', '--output', str(tmp_path), '--sched', 'step',
+                  '--decay-epochs', '100')
+    assert main(argv + ['--experiment', 'r', '--epochs', '1']) == 0
+    run, victim = tmp_path / 'r', tmp_path / 'victim.txt'
+    victim.write_text('mine')
+    resume = argv + ['--epochs', '2', '--resume', str(run / 'last.pth.tar')]
+    capsys.readouterr()
+    # a log the run appends to, or its lock file, made a link to another file: refused, that file untouched
+    for name in ('epochs.csv', '.sd-zoo-train.lock'):
+        os.replace(run / name, run / 'aside')
+        (run / name).symlink_to(victim)
+        assert main(resume) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f'holds symbolic links where the run writes its files ({name})' in err[0], err
+        assert victim.read_text() == 'mine'
+        os.replace(run / 'aside', run / name)
+    # a damaged checkpoint record: one line at the start, not a TypeError an epoch later
+    checkpoint = load_checkpoint_metadata(str(run / 'last.pth.tar'))
+    for key, value, message in (('saver', dict(checkpoint['saver'], best_metric='high'), 'saver record'),
+                                 ('epoch', -1, 'is not a training checkpoint (it has no epoch)'),
+                                 ('epoch', True, 'is not a training checkpoint (it has no epoch)')):
+        torch.save(dict(checkpoint, **{key: value}), tmp_path / 'damaged.pth.tar')
+        os.replace(tmp_path / 'damaged.pth.tar', run / 'last.pth.tar')  # a new file: the read one is memory-mapped
+        assert main(resume) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    record = json.loads((run / 'last_epoch.json').read_text())
+    assert read_epoch_record(str(run)) == record
+    del record['stats']  # damaged: no record (its rows are not restored from it), not a KeyError on resume
+    (run / 'last_epoch.json').write_text(json.dumps(record))
+    assert read_epoch_record(str(run)) is None
+
+
+def test_an_atomic_write_never_follows_a_link_planted_under_its_temporary_name(tmp_path):
+    from sd_zoo.checks import write_atomic
+    victim, target = tmp_path / 'victim.txt', tmp_path / 'results.json'
+    victim.write_text('mine')
+    (tmp_path / f'results.json.{os.getpid()}.tmp').symlink_to(victim)  # the predictable name, taken first
+    write_atomic(str(target), '{}')
+    assert target.read_text() == '{}' and not target.is_symlink() and victim.read_text() == 'mine'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json', 'victim.txt']
+
+
 # ---------------------------------------------------------------------------------------------- labels
 
 
@@ -699,3 +745,13 @@ def test_a_checkpoint_with_nan_weights_is_not_evaluated(image_folder: Path, tmp_
     assert main(['validate', '--model', 'sd_resnet20', '--checkpoint', str(tmp_path / 'nan.safetensors'),
                  '--data-dir', str(image_folder), '--split', 'test', '-j', '0']) == 2
     assert 'hold NaN or infinite values (layer2.0.conv1.weight)' in capsys.readouterr().err
+
+
+def test_an_ema_entry_set_to_none_is_no_ema_weights(tmp_path):
+    from sd_zoo.loading import check_has_ema
+    path = tmp_path / 'no_ema.pth.tar'
+    torch.save(dict(epoch=0, state_dict={'w': torch.zeros(1)}, state_dict_ema=None), path)
+    with pytest.raises(ValueError, match='has no EMA weights'):  # timm would quietly return the plain weights
+        check_has_ema(str(path))
+    torch.save(dict(epoch=0, state_dict={'w': torch.zeros(1)}, state_dict_ema={'w': torch.ones(1)}), path)
+    check_has_ema(str(path))

@@ -193,3 +193,13 @@ def test_a_users_client_factory_is_bounded_and_restored(answering_endpoint, sile
         assert _factory() is users_factory
     finally:
         set_client_factory(before)
+
+
+@pytest.mark.parametrize('raw', ['0', '-1', 'inf', 'nan', '1e9'])
+def test_a_hub_timeout_that_is_no_number_of_seconds_is_refused(raw, monkeypatch):
+    from sd_zoo.network import hub_timeout
+    monkeypatch.setenv('SD_ZOO_HUB_TIMEOUT', raw)
+    with pytest.raises(ValueError, match=f"SD_ZOO_HUB_TIMEOUT='{raw}' must be more than 0 and at most 86400"):
+        hub_timeout()
+    monkeypatch.setenv('SD_ZOO_HUB_TIMEOUT', '2.5')
+    assert hub_timeout() == 2.5
