@@ -18,7 +18,8 @@ import torch
 from .models.sd_resnet_cifar import SHORTCUT_TYPES, arch_depth
 from .stochastic_depth import GRANULARITIES, RULES, SCALINGS
 
-__all__ = ['PublishedConfig', 'check_published_config', 'check_published_weights', 'check_run_model_args']
+__all__ = ['PublishedConfig', 'check_published_config', 'check_published_weights', 'check_run_model_args',
+           'check_run_inputs']
 
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg')
 
@@ -170,6 +171,28 @@ def check_run_model_args(kwargs: Dict[str, Any], arch: str) -> None:
                     not isinstance(v, (bool, int, float, str, type(None)))), None)
     if bad is not None:
         raise ValueError(f'model argument {bad}={kwargs[bad]!r:.80} is not one a run is rebuilt with')
+
+
+# a run folder's input settings and model shape in args.yaml (timm's train.py flags), as a published config's
+RUN_INPUTS: Dict[str, Callable[[Any], bool]] = dict(
+    {k: PRETRAINED_CFG[k] for k in ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')},
+    img_size=_int(1, MAX_INPUT), gp=lambda v: isinstance(v, str) and len(v) <= 20,
+    num_classes=MODEL_ARGS['num_classes'], in_chans=MODEL_ARGS['in_chans'])
+
+
+def check_run_inputs(values: Dict[str, Any]) -> None:
+    """args.yaml's input settings and model shape where a run is rebuilt from it: each of the published config's
+    types and ranges (a crop_pct of 0 or a text mean is this one-line error, not a crash in a transform)."""
+    for key, check in RUN_INPUTS.items():
+        value = values.get(key)
+        if value is not None and not check(list(value) if isinstance(value, tuple) else value):
+            raise ValueError(f'{key} {value!r:.80} is not a valid value')
+    in_chans, size = values.get('in_chans') or 3, values.get('input_size')
+    for key in ('mean', 'std'):
+        if values.get(key) is not None and len(values[key]) not in (1, in_chans):
+            raise ValueError(f'{key} has {len(values[key])} values for {in_chans} input channels')
+    if size is not None and size[0] != in_chans:
+        raise ValueError(f'input_size has {size[0]} channels, the model {in_chans}')
 
 
 def check_published_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where: str) -> None:

@@ -30,7 +30,7 @@ import yaml
 from .checkpoints import NUMBERED, AtomicCheckpointSaver, check_saver_state, read_checkpoint_metadata
 from .checks import write_atomic
 from .data import TORCH_DATASETS
-from .published import check_run_model_args
+from .published import check_run_inputs, check_run_model_args
 
 __all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
@@ -111,7 +111,14 @@ class RunFolder:
         return cls(path, ckpt)
 
     def input_overrides(self) -> Dict[str, Any]:
+        self._check_inputs()
         return run_input_overrides(self.args)
+
+    def _check_inputs(self) -> None:
+        try:
+            check_run_inputs(self.args)
+        except ValueError as e:
+            raise ValueError(f'{str(self.path / "args.yaml")!r}: {e}') from None
 
     def model(self, name: Optional[str] = None, use_ema: bool = False) -> torch.nn.Module:
         """The run's model as it trained (:func:`create_run_model` with args.yaml's arguments; classes and input
@@ -121,6 +128,7 @@ class RunFolder:
         from .loading import check_model_name, load_state, read_state_dict, shape_kwargs_from_weights
         name = check_model_name(self._model_name(name))
         state_dict = read_state_dict(str(self.checkpoint), use_ema=use_ema)
+        self._check_inputs()
         try:
             check_run_model_args(model_kwargs_of(self.args), get_arch_name(name))
         except ValueError as e:

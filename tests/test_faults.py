@@ -92,6 +92,11 @@ class World:
         values = yaml.safe_load((self.run / 'args.yaml').read_text())
         values.update(drop_path=0.1, model_kwargs=dict(drop_path_rate=0.2))
         (self.contradicting_run / 'args.yaml').write_text(yaml.safe_dump(values))
+        self.odd_inputs_run = tmp / 'odd_inputs_run'  # args.yaml edited by hand: inputs no transform can take
+        self.odd_inputs_run.mkdir()
+        (self.odd_inputs_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
+        odd = dict(yaml.safe_load((self.run / 'args.yaml').read_text()), crop_pct=0, mean='x')
+        (self.odd_inputs_run / 'args.yaml').write_text(yaml.safe_dump(odd))
         self.empty_run = tmp / 'empty_run'
         self.empty_run.mkdir()
         self.bare = tmp / 'bare_weights.pth'  # a state_dict alone: no epoch, no optimizer
@@ -292,6 +297,9 @@ BAD_INPUTS = [
     Bad('publish-args-yaml-broken', lambda w: P(w, source=w.broken_run), 'is not valid YAML'),
     Bad('publish-args-yaml-contradicts-itself', lambda w: P(w, source=w.contradicting_run),
         '--drop-path 0.1 and --model-kwargs drop_path_rate=0.2 disagree'),
+    Bad('publish-args-yaml-odd-inputs', lambda w: P(w, source=w.odd_inputs_run), "args.yaml': crop_pct 0 is not a"),
+    Bad('validate-args-yaml-odd-inputs', lambda w: V(w, '--checkpoint', str(w.odd_inputs_run / 'last.pth.tar')),
+        "args.yaml': crop_pct 0 is not a valid value"),
     Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no last.pth.tar'),
     Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
     Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "kept for its accuracy on the 'test'"),
