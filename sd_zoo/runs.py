@@ -396,7 +396,7 @@ SAME_ON_RESUME = (
     'batch_size', 'grad_accum_steps', 'cifar_aug', 'no_aug', 'hflip', 'scale', 'ratio', 'mixup', 'cutmix',
     'smoothing', 'mean', 'std', 'interpolation', 'input_img_mode',
     'dataset', 'data_dir', 'train_split', 'val_split', 'test_split', 'val_holdout', 'train_subset', 'val_subset',
-    'seed')
+    'seed', 'world_size')
 
 
 def test_split_of(values: Dict[str, Any]) -> Optional[str]:
@@ -414,8 +414,9 @@ def check_same_experiment(resume: str, stored: Dict[str, Any], now: Dict[str, An
     checkpoint); a foreign checkpoint without one is not checked."""
     stored, now = experiment_values(stored), experiment_values(now)
     # a value the run left unset (None: the model's classes, timm train.py's lr from --lr-base) is not compared
-    differ = [f'--{k.replace("_", "-")} {_shown(v)} (now {_shown(now[k])})' for k, v in stored.items()
-              if v is not None and v != now[k]]
+    # the number of processes is no flag: it sets the global batch and the gate steps a DDP run has drawn
+    differ = [f'{"world size" if k == "world_size" else "--" + k.replace("_", "-")} {_shown(v)} '
+              f'(now {_shown(now.get(k))})' for k, v in stored.items() if v is not None and v != now.get(k)]
     if differ:
         raise ValueError(f'--resume {resume!r} continues a run with other arguments (its args.yaml): '
                          f'{", ".join(differ)}; give the run\'s values to continue it, or --initial-checkpoint '

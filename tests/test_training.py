@@ -219,3 +219,7 @@ def test_resume_compares_what_the_arguments_meant(tmp_path):
     check_same_experiment(args.resume, stored, vars(args))  # no error: the same run
     with pytest.raises(ValueError, match=r'--seed 42 \(now 1\)'):
         check_same_experiment(args.resume, stored, dict(vars(args), seed=1))
+    # a DDP run continues on as many processes: the global batch and the gates' step count depend on it
+    check_same_experiment(args.resume, dict(stored, world_size=2), dict(vars(args), world_size=2))
+    with pytest.raises(ValueError, match=r'world size 2 \(now 1\)'):
+        check_same_experiment(args.resume, dict(stored, world_size=2), dict(vars(args), world_size=1))
