@@ -31,8 +31,10 @@ from .checkpoints import NUMBERED, AtomicCheckpointSaver, check_saver_state, rea
 from .checks import write_atomic
 from .data import TORCH_DATASETS
 from .published import check_run_inputs, check_run_model_args
+from .stochastic_depth import set_gate_seed
 
-__all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'epochs_done',
+__all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'gate_seed_of',
+           'epochs_done',
            'read_csv', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'training_times']
 
@@ -322,6 +324,11 @@ class ResumePoint:
     def start_epoch(self) -> int:
         return epochs_done(self.meta)
 
+    @property
+    def gate_seed(self) -> Any:
+        """The gate seed the run recorded in its args.yaml (0 for runs from before the record)."""
+        return RunFolder(Path(self.path).parent).args.get('gate_seed', 0)
+
 
 # the files a run writes into its folder: a new run never writes into a folder that holds any of them
 RUN_FILES = ('args.yaml', 'summary.csv', 'epochs.csv', 'results.json', 'last.pth.tar', 'model_best.pth.tar',
@@ -468,9 +475,11 @@ def create_run_model(values: Dict[str, Any], *, name: Optional[str] = None, pret
                   in_chans=values.get('in_chans'), **model_kwargs_of(values))
     kwargs.update(shape)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # an argument the model does not take, e.g. a misspelt --model-kwargs key
         raise ValueError(f'{name} does not take these arguments ({e})') from e
+    set_gate_seed(model, gate_seed_of(values))  # the seed its gates trained with, whatever built it
+    return model
 
 
 INPUT_ARGS = ('input_size', 'img_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
@@ -491,6 +500,17 @@ def run_input_overrides(args: Dict[str, Any]) -> Dict[str, Any]:
             values.setdefault('mean', tuple(cfg.mean))
             values.setdefault('std', tuple(cfg.std))
     return values
+
+
+def gate_seed_of(values: Dict[str, Any]) -> int:
+    """The seed of a run's gate sequence: --model-kwargs sd_seed where given, else the ``gate_seed`` its args.yaml
+    records (a new run records its --seed, so that seeds differ in their gates too); runs from before that
+    record drew their gates from sd_seed's default, 0."""
+    seed = model_kwargs_of(values).get('sd_seed')
+    seed = values.get('gate_seed', 0) if seed is None else seed
+    if not is_epoch(seed):  # an int >= 0, not a bool
+        raise ValueError(f'the gate seed {seed!r:.40} is not a whole number >= 0')
+    return seed
 
 
 def model_kwargs_of(values: Dict[str, Any]) -> Dict[str, Any]:

@@ -30,7 +30,7 @@ from .data import Augmentation, DataSource, build_loaders, check_class_count, im
 from .engine import Float32Loss, NonFiniteLoss, default_device, evaluate, train_one_epoch, training_dtype
 from .loading import load_weights
 from .models.sd_resnet_cifar import arch_depth
-from .runs import ResumePoint, RunFolder, cannot_resume, create_run_model, model_kwargs_of, test_split_of
+from .runs import ResumePoint, RunFolder, cannot_resume, create_run_model, gate_seed_of, test_split_of
 from .stochastic_depth import compile_blocks, mix_seeds, set_gate_seed
 from .train_args import build_train_parser, check_train_args, make_train_args, parse_train_args
 
@@ -121,7 +121,8 @@ def _prepare(args: argparse.Namespace) -> _Training:
         resume = folder.read_resume(args.resume, need_optimizer=not args.no_resume_opt) if args.resume else None
         model, data_config = build_model(args, process)
         values = dict(vars(args), num_classes=model.num_classes, device=str(process.device),
-                      distributed=process.distributed, world_size=process.world_size)
+                      distributed=process.distributed, world_size=process.world_size,
+                      gate_seed=args.seed if resume is None else resume.gate_seed)  # new runs: their --seed
         start_epoch = check_start(args, folder, resume, values, process.primary)  # before the loaders
         mixup_fn, train_loss_fn = _losses_and_mixup(args, model.num_classes)
         task = ClassificationTask(model=model, criterion=Float32Loss(train_loss_fn), device=process.device,
@@ -255,8 +256,7 @@ def _schedule(run: _Training) -> None:
     args, steps_per_epoch = run.args, len(run.loaders.train)
     run.updates_per_epoch = math.ceil(steps_per_epoch / args.grad_accum_steps)
     # gates continue from where an interrupted run stopped, identically on every rank
-    set_gate_seed(run.model, int(model_kwargs_of(run.values).get('sd_seed', 0)),
-                  step=run.start_epoch * steps_per_epoch)
+    set_gate_seed(run.model, gate_seed_of(run.values), step=run.start_epoch * steps_per_epoch)
     run.lr_scheduler, run.num_epochs = create_scheduler_v2(run.optimizer, **scheduler_kwargs(args),
                                                            updates_per_epoch=run.updates_per_epoch)
     if run.start_epoch > 0 and run.lr_scheduler is not None:  # --sched none: timm leaves the lr as it is

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from conftest import make_image_folder
@@ -295,6 +296,11 @@ def test_resume_continues_the_exact_batch_sequence(tmp_path, cache, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     one_epoch = timm.models.load_state_dict(str(split / 'checkpoint-0.pth.tar'))
     assert not torch.equal(one_epoch['fc.weight'], b['fc.weight'])  # the second epoch did train
+    # the gates drew from --seed, recorded, and the rebuilt model has that seed
+    from sd_zoo.runs import RunFolder
+    from sd_zoo.stochastic_depth import stochastic_blocks
+    assert yaml.safe_load((split / 'args.yaml').read_text())['gate_seed'] == 3
+    assert {b.gate_seed for b in stochastic_blocks(RunFolder.open(str(split), 'last').model())} == {3}
 
 
 def test_cache_command_lists_prunes_stale_entries_and_keeps_other_files(tmp_path, cache, capsys):
