@@ -95,11 +95,11 @@ def card_metadata(repo_id: str, tag: Optional[str], results: Optional[Dict[str, 
 def model_card(model, *, repo_id: str, arch: str, tag: Optional[str], checkpoint_name: str, args: Dict[str, Any],
                times: Optional[Dict[str, float]], results: Optional[Dict[str, Any]], plots: List[str],
                data_note: str = '', use_ema: bool = False, comparison: Optional[Dict[str, Any]] = None,
-               train_note: str = '') -> str:
+               train_note: str = '', finished_epochs: Optional[int] = None) -> str:
     lines = ['---', yaml.safe_dump(card_metadata(repo_id, tag, results), sort_keys=False).strip(), '---', '',
              f'# {repo_id.split("/")[-1]}', '']
     lines += _model_lines(model, arch, tag, checkpoint_name, use_ema)
-    lines += _training_lines(args, times, train_note)
+    lines += _training_lines(args, times, train_note, finished_epochs)
     lines += _results_lines(arch, tag, results, data_note)
     lines += anchor_lines(arch, tag, results)
     if comparison:
@@ -141,11 +141,18 @@ def _model_lines(model, arch: str, tag: Optional[str], checkpoint_name: str, use
             f'- weights: {"EMA of " if use_ema else ""}`{checkpoint_name}`', '']
 
 
-def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], train_note: str) -> List[str]:
+def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], train_note: str,
+                    finished_epochs: Optional[int] = None) -> List[str]:
     if not args:
         return []
-    lines = ['## Training', '', '| setting | value |', '|---|---|',
-             *[f'| {k} | {args[k]} |' for k in RECIPE_KEYS if args.get(k) not in (None, '') and _applies(k, args)]]
+    rows = {k: args[k] for k in RECIPE_KEYS if args.get(k) not in (None, '') and _applies(k, args)}
+    if 'epochs' in rows and isinstance(finished_epochs, int) and finished_epochs < rows['epochs']:
+        rows['epochs'] = f'{finished_epochs} of {rows["epochs"]} planned (stopped early)'
+    processes, accumulated = args.get('world_size') or 1, args.get('grad_accum_steps') or 1
+    if 'batch_size' in rows and processes * accumulated > 1:  # what one update saw
+        rows['batch_size'] = (f'{rows["batch_size"]} per process x {processes} processes x {accumulated} '
+                              f'accumulated = {rows["batch_size"] * processes * accumulated} per update')
+    lines = ['## Training', '', '| setting | value |', '|---|---|', *[f'| {k} | {v} |' for k, v in rows.items()]]
     if times is not None:
         lines.append(f'| wall-clock training time | {times["total_s"] / 3600:.2f} h over {times["epochs"]} '
                      f'epochs (median epoch {times["median_epoch_s"]:.1f} s) |')
@@ -195,15 +202,19 @@ def comparison_lines(comparison: Dict[str, Any], results, times) -> List[str]:
              f'trained with {same}, and validated the same way.', '',
              '| | stochastic depth (this model) | constant depth |', '|---|---|---|']
     if results and base_results:
-        lines += [f'| test top-1 | {results["top1"]:.2f} | {base_results["top1"]:.2f} |',
-                  f'| test top-1 error | {results["top1_err"]:.2f} | {base_results["top1_err"]:.2f} |',
-                  f'| test top-5 | {results["top5"]:.2f} | {base_results["top5"]:.2f} |']
+        split = results['split']
+        lines += [f'| {split} top-1 | {results["top1"]:.2f} | {base_results["top1"]:.2f} |',
+                  f'| {split} top-1 error | {results["top1_err"]:.2f} | {base_results["top1_err"]:.2f} |',
+                  f'| {split} top-5 | {results["top5"]:.2f} | {base_results["top5"]:.2f} |']
     if times and base_times:
+        ran_differently = comparison.get('ran_differently')
         lines += [f'| median epoch wall time | {times["median_epoch_s"]:.1f} s | '
                   f'{base_times["median_epoch_s"]:.1f} s |',
                   f'| total wall-clock | {times["total_s"] / 3600:.2f} h ({times["epochs"]} epochs) | '
                   f'{base_times["total_s"] / 3600:.2f} h ({base_times["epochs"]} epochs) |', '',
-                  time_saving_line(times, base_times)]
+                  time_saving_line(times, base_times) if not ran_differently else
+                  f'The training times are not compared: the runs differ in {", ".join(ran_differently)}, which an '
+                  f'epoch\'s time depends on.']
     lines.append('')
     return lines
 
@@ -240,17 +251,22 @@ def _pyplot():
     return plt
 
 
-def plot_curves(rows: List[Dict[str, str]], path: Path) -> bool:
-    """Training loss, eval loss and eval error per epoch (summary.csv); False when there are no rows."""
+def check_plotting() -> None:
+    """The card's plots can be drawn (matplotlib is installed): asked before anything is staged."""
+    _pyplot()
+
+
+def plot_curves(rows: List[Dict[str, float]], path: Path) -> bool:
+    """Training loss, eval loss and eval error per epoch (runs.training_curves); False when there are no rows."""
     if not rows:
         return False
     plt = _pyplot()
     epochs = [int(r['epoch']) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(epochs, [float(r['train_loss']) for r in rows], label='train loss')
-    if rows[0].get('eval_loss'):
-        ax1.plot(epochs, [float(r['eval_loss']) for r in rows], label='eval loss')
-        ax2.plot(epochs, [100 - float(r['eval_top1']) for r in rows], color='C2')
+    ax1.plot(epochs, [r['train_loss'] for r in rows], label='train loss')
+    if 'eval_loss' in rows[0]:
+        ax1.plot(epochs, [r['eval_loss'] for r in rows], label='eval loss')
+        ax2.plot(epochs, [100 - r['eval_top1'] for r in rows], color='C2')
     ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend()
     ax2.set_xlabel('epoch'), ax2.set_ylabel('eval top-1 error (%)')
     fig.tight_layout()

@@ -20,16 +20,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .card import input_channels, model_card, plot_curves, plot_schedule, sd_model_args
+from .card import check_plotting, input_channels, model_card, plot_curves, plot_schedule, sd_model_args
 from .loading import check_repo_id
 from .models.sd_resnet_cifar import CIFAR10_CLASSES, SDCifarResNet
 from .models.sd_resnet_imagenet import SDResNet
-from .runs import RunFolder, epochs_done, read_csv, training_times
+from .runs import RunFolder, epochs_done, training_curves, training_times
 
 STAGED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png', 'survival_schedule.png')
 # run settings that do not change the recipe: where and how it ran, not what it trained
 _NON_RECIPE_ARGS = {'drop_path', 'experiment', 'output', 'resume', 'data_dir', 'workers', 'no_progress',
                     'log_interval', 'checkpoint_hist', 'device', 'dataset_download', 'pin_mem', 'config', 'loader'}
+_RUNTIME_ARGS = ('device', 'loader', 'workers', 'pin_mem', 'world_size')
 DATASET_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10, 'in1k': 1000}  # the tags a card can name
 _TORCH_DATASET_TAGS = {'torch/cifar10': 'cifar10', 'torch/cifar100': 'cifar100', 'torch/svhn': 'svhn'}
 _NAME_TOKENS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn', 'imagenet': 'in1k'}
@@ -127,8 +128,13 @@ def plan_publication(source: str, *, repo_id: str, model_name: Optional[str] = N
         check_selection(twin.run, data, f'--baseline {baseline!r}')
     for run in (weights.run, twin.run) if twin else (weights.run,):
         training_times(run.path)  # epochs.csv is read for the card: a malformed one fails here, before any write
+    training_curves(weights.run.path)  # and summary.csv, for its plot
+    check_plotting()
     if data:
         check_data(data, weights)
+    elif data.split != 'test' or data.download or data_note:
+        raise ValueError('--split, --dataset-download and --data-note describe the evaluation for the card: give '
+                         '--data-dir or --dataset to evaluate on')
     return Plan(repo_id=repo_id, weights=weights, tag=tag, use_ema=use_ema, data=data, baseline=twin,
                 data_note=data_note, train_note=train_note, overwrite=overwrite)
 
@@ -151,9 +157,10 @@ def run_weights(run: RunFolder, model_name: Optional[str], use_ema: bool) -> Wei
 def dataset_tag(model: torch.nn.Module, args: Dict[str, Any], model_name: Optional[str],
                 tag: Optional[str]) -> Optional[str]:
     """The data set the weights were trained on: as the user states it (--tag, --model NAME.TAG), else the
-    run's torchvision data set, else the tag of the model name it trained (a starting config: only where its
-    class count fits) or the recipe or data folder it is named after; None when nothing names it, and then the
-    card names no data set (a class count says nothing about which data set it is)."""
+    run's torchvision data set, else the data folder's name where it names one (a folder of the user's own,
+    /data/flowers, is not the data set of the model name it started from); without a data folder, the tag of
+    the model name it trained or the recipe it is named after. Only where the class count fits; None when nothing
+    names it, and then the card names no data set (a class count says nothing about which data set it is)."""
     stated = {where: value for where, value in (('--tag', tag), ('--model', _name_tag(model_name))) if value}
     if len(set(stated.values())) > 1:
         shown = ', '.join(f'{where} says {value}' for where, value in stated.items())
@@ -164,7 +171,8 @@ def dataset_tag(model: torch.nn.Module, args: Dict[str, Any], model_name: Option
     torch_tag = _TORCH_DATASET_TAGS.get(args.get('dataset') or '')
     if torch_tag:
         return _checked_tag(torch_tag, f"the run's --dataset {args['dataset']}", model.num_classes)
-    named = {_name_tag(args.get('model'))} | {_named_in(args.get(key)) for key in ('config', 'data_dir')}
+    named = {_named_in(args['data_dir'])} if args.get('data_dir') else \
+        {_name_tag(args.get('model')), _named_in(args.get('config'))}
     fitting = {t for t in named - {None} if DATASET_CLASSES.get(t) == model.num_classes}
     return fitting.pop() if len(fitting) == 1 else None
 
@@ -284,15 +292,24 @@ def check_selection(run: RunFolder, data: EvalData, what: str) -> None:
     """model_best (and timm's kept checkpoint-N files) are the epochs with the best accuracy on the run's
     validation data: refuse them when that data is the test split or the split the card reports (the card would
     show accuracy the weights were chosen on)."""
+    if _chosen_by_accuracy(run) and not run.args.get('val_holdout') and not run.args.get('val_split'):
+        raise ValueError(f'{what}: {str(run.checkpoint)!r} was kept for its accuracy on a split that nothing records '
+                         f'(no args.yaml beside it says which; it may be test data): publish the last epoch '
+                         f'(--checkpoint last)')
     chosen_on = _selection_split(run)
     if chosen_on is None:
         return
-    reported = bool(data) and chosen_on == data.split
+    # timm's reader finds an evaluation split under any of these names: --split val may read the folder of
+    # a run's --val-split validation
+    reported = bool(data) and (chosen_on == data.split or {chosen_on, data.split} <= _EVAL_SPLIT_NAMES)
     if reported or _is_test_split(chosen_on, run.args.get('dataset') or ''):
         which = 'the split this card reports' if reported else 'test data'
         raise ValueError(f'{what}: {str(run.checkpoint)!r} was kept for its accuracy on the {chosen_on!r} split '
                          f'({which}; the run had no --val-holdout): publish the last epoch (--checkpoint last), or '
                          f'train with --val-holdout N')
+
+
+_EVAL_SPLIT_NAMES = {'val', 'valid', 'validation', 'eval', 'evaluation'}
 
 
 def _selection_split(run: RunFolder) -> Optional[str]:
@@ -333,6 +350,9 @@ def _check_twin(weights: Weights, twin: Weights, baseline: str) -> None:
     if base_model.drop_path_rate != 0.0:
         raise ValueError(f'--baseline {baseline!r} was trained with drop_path {base_model.drop_path_rate:g}: the '
                          f'baseline must be the constant-depth twin (drop_path 0)')
+    if model.drop_path_rate == 0.0:
+        raise ValueError(f'--baseline {baseline!r}: this run trained with constant depth too (drop_path 0), so there '
+                         f'is no stochastic depth to compare; publish it without --baseline')
     if base_model.num_classes != model.num_classes:
         raise ValueError(f'--baseline {baseline!r} has {base_model.num_classes} classes, this model '
                          f'{model.num_classes}: give the twin trained on the same data')
@@ -433,8 +453,10 @@ def compare_with_baseline(plan: Plan) -> Dict[str, Any]:
             save_weights(plan.baseline.model, Path(folder), plan.repo_id, plan.tag, plan.baseline.input_config,
                          run_classes(plan.baseline.run, plan.tag))
             results = _evaluate(Path(folder), plan.data)
+    # where and how the runs ran: not the recipe, but an epoch's time depends on them
+    ran_differently = sorted(k for k in _RUNTIME_ARGS if run.args.get(k) != base.args.get(k))
     return dict(run_dir=str(base.path), checkpoint=base.checkpoint.name, recipe_differs=differs,
-                results=results, times=training_times(base.path))
+                results=results, times=training_times(base.path), ran_differently=ran_differently)
 
 
 def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
@@ -442,7 +464,7 @@ def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     model, run = plan.weights.model, plan.weights.run
     out = prepare_out_dir(out_dir, staging_source(run), plan.overwrite)
     save_weights(model, out, plan.repo_id, plan.tag, plan.weights.input_config, run_classes(run, plan.tag))
-    plots = ['training_curves.png'] if plot_curves(read_csv(run.path / 'summary.csv'),
+    plots = ['training_curves.png'] if plot_curves(training_curves(run.path),
                                                    out / 'training_curves.png') else []
     plot_schedule(model, out / 'survival_schedule.png')
     plots.append('survival_schedule.png')
@@ -452,7 +474,7 @@ def stage(plan: Plan, out_dir: str) -> Dict[str, Any]:
     card = model_card(model, repo_id=plan.repo_id, arch=plan.arch, tag=plan.tag, checkpoint_name=run.checkpoint.name,
                       args=run.args, times=training_times(run.path), results=results, plots=plots,
                       data_note=plan.data_note, use_ema=plan.use_ema, comparison=comparison,
-                      train_note=plan.train_note)
+                      train_note=plan.train_note, finished_epochs=finished_epochs(run))
     (out / 'README.md').write_text(card)
     files = sorted(p.name for p in out.iterdir() if p.name != STAGING_MARKER)
     if any(f.endswith(('.bin', '.pth', '.pt', '.pkl', '.tar')) for f in files):

@@ -35,7 +35,7 @@ from .stochastic_depth import set_gate_seed
 
 __all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'gate_seed_of',
            'epochs_done',
-           'read_csv', 'append_epoch_row', 'append_log_rows',
+           'read_csv', 'training_curves', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
@@ -664,9 +664,18 @@ def training_times(run_dir: Path) -> Optional[Dict[str, float]]:
 def _csv_number(path: Path, row: Dict[str, str], key: str) -> float:
     """A finite, non-negative number from a run's CSV row, or a one-line error naming the file and row."""
     try:
-        value = float(row[key])
-    except ValueError:
+        value = float(row.get(key))
+    except (TypeError, ValueError):  # a missing column or cell, or text
         value = float('nan')
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f'{path}: epoch {row.get("epoch")!r} has {key} {row[key]!r}, not a non-negative number')
+        raise ValueError(f'{path}: epoch {row.get("epoch")!r} has {key} {row.get(key)!r}, not a non-negative number')
     return value
+
+
+def training_curves(run_dir: Path) -> List[Dict[str, float]]:
+    """summary.csv's epochs as numbers (epoch, train_loss, and eval_loss / eval_top1 where the run validated),
+    checked: a damaged file is a one-line error before anything is staged, not a crash halfway."""
+    path = Path(run_dir) / 'summary.csv'
+    rows = read_csv(path)
+    keys = ('epoch', 'train_loss') + (('eval_loss', 'eval_top1') if rows and rows[0].get('eval_loss') else ())
+    return [{k: _csv_number(path, row, k) for k in keys} for row in rows]

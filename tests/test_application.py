@@ -166,6 +166,16 @@ def test_card_lists_milestones_only_for_step_schedules():
     assert 'decay_milestones' not in step and 'warmup_lr' not in step
 
 
+def test_card_says_how_many_epochs_ran_and_what_one_update_saw():
+    from sd_zoo.card import _training_lines
+    lines = '\n'.join(_training_lines(dict(epochs=50, batch_size=128, world_size=2, grad_accum_steps=2), None, '',
+                                      finished_epochs=16))
+    assert '| epochs | 16 of 50 planned (stopped early) |' in lines
+    assert '| batch_size | 128 per process x 2 processes x 2 accumulated = 512 per update |' in lines
+    lines = '\n'.join(_training_lines(dict(epochs=50, batch_size=128, world_size=1), None, '', finished_epochs=50))
+    assert '| epochs | 50 |' in lines and '| batch_size | 128 |' in lines
+
+
 def test_card_lists_settings_only_where_they_were_read():
     from sd_zoo.card import _training_lines
     recipe = dict(epochs=200, sched='cosine', model_ema=False, model_ema_decay=0.9998, amp=True, channels_last=True)

@@ -97,6 +97,16 @@ class World:
         (self.odd_inputs_run / 'last.pth.tar').write_bytes((self.run / 'last.pth.tar').read_bytes())
         odd = dict(yaml.safe_load((self.run / 'args.yaml').read_text()), crop_pct=0, mean='x')
         (self.odd_inputs_run / 'args.yaml').write_text(yaml.safe_dump(odd))
+        self.loose_best = tmp / 'best_alone' / 'model_best.pth.tar'  # kept for its accuracy, nothing says on what
+        self.loose_best.parent.mkdir()
+        self.loose_best.write_bytes((self.run / 'model_best.pth.tar').read_bytes())
+        self.bad_summary_run = tmp / 'bad_summary_run'  # summary.csv edited by hand: text for a loss
+        self.bad_summary_run.mkdir()
+        for name in ('last.pth.tar', 'args.yaml', 'epochs.csv'):
+            (self.bad_summary_run / name).write_bytes((self.run / name).read_bytes())
+        rows = (self.run / 'summary.csv').read_text().splitlines()
+        cells = rows[1].split(',')
+        (self.bad_summary_run / 'summary.csv').write_text('\n'.join([rows[0], ','.join([cells[0], 'x', *cells[2:]])]))
         self.empty_run = tmp / 'empty_run'
         self.empty_run.mkdir()
         self.bare = tmp / 'bare_weights.pth'  # a state_dict alone: no epoch, no optimizer
@@ -300,6 +310,12 @@ BAD_INPUTS = [
     Bad('publish-args-yaml-odd-inputs', lambda w: P(w, source=w.odd_inputs_run), "args.yaml': crop_pct 0 is not a"),
     Bad('validate-args-yaml-odd-inputs', lambda w: V(w, '--checkpoint', str(w.odd_inputs_run / 'last.pth.tar')),
         "args.yaml': crop_pct 0 is not a valid value"),
+    Bad('publish-best-without-args', lambda w: P(w, source=w.loose_best),
+        'was kept for its accuracy on a split that nothing records'),
+    Bad('publish-summary-csv-damaged', lambda w: P(w, source=w.bad_summary_run),
+        "summary.csv: epoch '0' has train_loss 'x', not a non-negative number"),
+    Bad('publish-split-without-data', lambda w: P(w, '--split', 'val'),
+        '--split, --dataset-download and --data-note describe the evaluation'),
     Bad('publish-folder-without-checkpoint', lambda w: P(w, source=w.empty_run), 'has no last.pth.tar'),
     Bad('publish-ema-without-ema', lambda w: P(w, '--ema'), 'has no EMA weights'),
     Bad('publish-best-chosen-on-test', lambda w: P(w, '--checkpoint', 'best'), "kept for its accuracy on the 'test'"),

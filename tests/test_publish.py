@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import make_image_folder
 from hub_server import start_hub
@@ -249,10 +250,23 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     constant_card = (tmp_path / 'constant' / 'README.md').read_text()
     assert 'trained with constant depth' in constant_card and '- stochastic depth: off' in constant_card
 
+    # a constant-depth run has no stochastic depth to compare with its twin
+    with pytest.raises(ValueError, match='this run trained with constant depth too'):
+        publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'x'),
+                      '--baseline', str(out / 'constant')])
     # a stochastic-depth run is no constant-depth baseline
     with pytest.raises(ValueError, match='trained with drop_path 0.5: the baseline must be the constant-depth twin'):
         publish_main([str(run_dir), '--repo-id', REPO_ID, '--dry-run', '--out', str(tmp_path / 'x'),
                       '--baseline', str(run_dir)])
+    # a twin that ran another way (here another loader) is compared in accuracy, not in time
+    twin_args = out / 'constant' / 'args.yaml'
+    values = yaml.safe_load(twin_args.read_text())
+    twin_args.write_text(yaml.safe_dump(dict(values, loader='timm' if values.get('loader') != 'timm' else 'memory')))
+    publish_main([str(run_dir), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out',
+                  str(tmp_path / 'ran_differently'), '--model', 'sd_resnet20.cifar10', '--baseline', str(out / 'constant')])
+    card = (tmp_path / 'ran_differently' / 'README.md').read_text()
+    assert 'The training times are not compared: the runs differ in loader' in card
+    assert 'Training time saved' not in card and 'saved no training time' not in card
 
 
 def test_out_folder_with_only_a_user_readme_is_refused_and_kept(tmp_path):
@@ -450,13 +464,17 @@ def test_push_removes_only_its_temporary_staging_folder(trained_run, tmp_path):
 
 
 def test_the_data_set_a_run_trained_on_beats_the_tag_it_started_from():
-    """A run fine-tuned from a tagged name (sd_resnet20.cifar10) on CIFAR-100 is a CIFAR-100 model; on an
-    unnamed folder with another class count it names no data set."""
+    """A run fine-tuned from a tagged name (sd_resnet20.cifar10) on CIFAR-100 is a CIFAR-100 model; on a folder
+    that names no data set it names none, whatever the model name's tag (the user's own 100 classes are not
+    CIFAR-100); a folder named after a data set names it."""
     import timm
     from sd_zoo.publishing import dataset_tag
     model = timm.create_model('sd_resnet20', num_classes=100)
     assert dataset_tag(model, dict(model='sd_resnet20.cifar10', dataset='torch/cifar100'), None, None) == 'cifar100'
     assert dataset_tag(model, dict(model='sd_resnet20.cifar10', data_dir='/data/flowers'), None, None) is None
-    assert dataset_tag(model, dict(model='sd_resnet20.cifar100', data_dir='/data/flowers'), None, None) == 'cifar100'
+    assert dataset_tag(model, dict(model='sd_resnet20.cifar100', data_dir='/data/flowers'), None, None) is None
+    assert dataset_tag(model, dict(model='sd_resnet20', data_dir='/work/data/cifar100/'), None, None) == 'cifar100'
+    assert dataset_tag(model, dict(model='sd_resnet20.cifar100', config='cifar100_resnet110_sd'), None,
+                       None) == 'cifar100'
     with pytest.raises(ValueError, match=r'--tag says the run trained on cifar10 \(10 classes\), but the weights'):
         dataset_tag(model, dict(model='sd_resnet20.cifar100'), None, 'cifar10')
