@@ -571,7 +571,7 @@ def fold_survival_scale(model: nn.Module) -> nn.Module:
     """
     blocks = stochastic_blocks(model)
     for block in blocks:
-        if getattr(block, 'se', None) is not None:
+        if getattr(block, 'se', None) is not None and float(block.eval_scale) != 1.0:  # a scale of 1: nothing to fold
             raise ValueError(f'cannot fold the eval scale of {type(block).__name__}: its branch ends in an '
                              f'attention module after the last norm, which is not linear in the scale')
     for block in blocks:
@@ -599,7 +599,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     model); gates still change every step and a dropped branch is still skipped. In ``'subset'`` mode the
     branch's batch size changes every step: the gathered rows are marked dynamic, so a block shape costs
     a static full-batch graph, one dynamic-batch graph and at most a batch-of-1 one, not a graph per
-    subset size. All blocks of a class share one code object, whose graphs count against Dynamo's
+    subset size (and evaluation, its BatchNorms in eval mode, two more). All blocks of a class share one code object, whose graphs count against Dynamo's
     ``recompile_limit`` (8 by default): it is raised to what the compiled block shapes need, so that no block
     silently falls back to eager. Returns the model.
     """
@@ -617,7 +617,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 _compiled_shapes: Dict[type, Set[Tuple]] = {}
-GRAPHS_PER_BLOCK_SHAPE = 3  # static batch, dynamic batch (a smaller last batch, or subset mode), batch of 1
+# training: static batch, dynamic batch (a smaller last batch, or subset mode), batch of 1; evaluation (BN in eval
+# mode is another graph): static batch, dynamic batch (the last one)
+GRAPHS_PER_BLOCK_SHAPE = 5
 
 
 def _raise_recompile_limit() -> None:

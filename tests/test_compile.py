@@ -78,8 +78,8 @@ def test_compile_blocks_subset_bounded_graphs_over_varying_subset_sizes():
 
 
 def test_compile_blocks_on_a_whole_subset_model_stays_compiled():
-    """sd_resnet20 has 5 block shapes, each needing up to 3 graphs in subset mode: more than Dynamo's default
-    recompile limit (8) for the one shared branch function. No block may fall back to eager."""
+    """sd_resnet20 has 5 block shapes, each needing up to 3 graphs in subset mode and 2 more in eval: more than
+    Dynamo's default recompile limit (8) for the one shared branch function. No block may fall back to eager."""
     torch._dynamo.reset()
     counters.clear()
     model = timm.create_model('sd_resnet20', drop_path_rate=0.5, sd_granularity='subset', sd_seed=4).train()
@@ -90,6 +90,9 @@ def test_compile_blocks_on_a_whole_subset_model_stays_compiled():
         x = torch.randn(4, 3, 16, 16)  # small batches: subsets of 1 sample come often
         for _ in range(24):
             model(x).sum().backward()
+        model.eval()  # evaluation between epochs: eval graphs too, at the full and at a smaller last batch
+        with torch.no_grad():
+            model(x), model(x[:3]), model(x[:2])
     finally:
         torch._dynamo.config.fail_on_recompile_limit_hit = previous
     assert counters['stats']['unique_graphs'] > 8  # the default limit would have been hit

@@ -128,14 +128,26 @@ def test_add_stochastic_depth_to_timm_models(name):
     expected = torch.tensor([1 - b.survival_prob for b in blocks]) * 120
     assert (drops - expected).abs().max() < 5 * (120 * 0.25) ** 0.5
     if name == 'seresnet50':
+        fold_survival_scale(copy.deepcopy(converted))  # inverted scaling: every eval scale 1, nothing to fold
+        paper = add_stochastic_depth(base, drop_path_rate=0.5, sd_scaling='paper')
+        paper.train()(x)  # its first training step (grad enabled) takes p_l as the eval scale
         with pytest.raises(ValueError, match='attention'):
-            fold_survival_scale(copy.deepcopy(converted))
+            fold_survival_scale(paper)
 
 
 def test_add_stochastic_depth_in_place_and_errors():
     model = timm.create_model('resnet18')
+    reference = copy.deepcopy(model).eval()
     assert add_stochastic_depth(model, inplace=True, sd_scaling='paper') is model
     assert any(k.endswith('eval_scale') for k in model.state_dict())  # paper scaling saves its eval scales
+    # weights trained without stochastic depth evaluate as they are until the converted model trains
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference(x))
+    model.train()(x)  # a training step (grad enabled) takes the block's own p_l
+    blocks = stochastic_blocks(model)
+    assert [float(b.eval_scale) for b in blocks] == pytest.approx([b.survival_prob for b in blocks])
+    assert blocks[-1].survival_prob == pytest.approx(0.5)
     with pytest.raises(ValueError, match='no timm BasicBlock'):
         add_stochastic_depth(nn.Sequential(nn.Conv2d(3, 3, 1)))
     with_drop_path = timm.create_model('resnet18', drop_path_rate=0.1)  # timm gives its first block none

@@ -28,8 +28,9 @@ class CifarBasicBlock(StochasticResidual):
     """Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN, add the shortcut, ReLU.
 
     The shortcut has no parameters: identity, or for a transition (stride 2, more channels) spatial
-    downsampling ('avg': 2x2 average pooling, the paper; 'subsample': 1x1 stride-2 subsampling, the
-    authors' original Torch code) followed by zero-padding of the new channels.
+    downsampling ('avg': 2x2 average pooling, the paper's and its authors' Torch code, ResidualDrop.lua;
+    'subsample': 1x1 stride-2 subsampling, He et al.'s option A as fb.resnet.torch has it) followed by
+    zero-padding of the new channels.
     """
     last_norm = 'bn2'
 

@@ -170,8 +170,13 @@ def add_stochastic_depth(
     check_model_sd_args(drop_path_rate, sd_rule, sd_granularity, sd_scaling)
     if not inplace:
         model = copy.deepcopy(model)
+    plain = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))
+             and not isinstance(m, StochasticResidual)]
     _apply_schedule(model, 1.0 - drop_path_rate, sd_rule, sd_granularity, sd_scaling, sd_seed,
                     persistent=sd_scaling == 'paper')
+    for block in plain:  # weights trained without stochastic depth evaluate as they are (scale 1, as loading
+        block.eval_scale.fill_(1.0)  # timm's weights into sd_resnet50 does) until the converted model trains:
+        block.loaded_eval_scale = True  # its first training step takes p_l (paper scaling; inverted: 1 anyway)
     return model
 
 
