@@ -23,6 +23,9 @@ def default_device(device: Optional[str] = None) -> torch.device:
         raise ValueError(f'--device {name!r} is not a device ({e})') from e
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device {name!r}: this machine has no CUDA GPU (use --device cpu)')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f'--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), '
+                         f'cuda:0 to cuda:{torch.cuda.device_count() - 1}')
     return dev
 
 
