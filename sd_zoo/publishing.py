@@ -516,7 +516,7 @@ def check_private_target(repo_id: str, token: Optional[str]) -> None:
 def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optional[str] = None,
          commit_message: Optional[str] = None, token: Optional[str] = None) -> str:
     """Upload the staged folder in one commit (huggingface_hub's upload_folder); returns the commit URL. The staged
-    files are not touched. A Hub that refuses, drops the connection or stays silent fails within
+    files are not touched; of the repository's files, those sd-zoo stages are replaced or removed, others kept. A Hub that refuses, drops the connection or stays silent fails within
     SD_ZOO_HUB_TIMEOUT seconds (sd_zoo.network)."""
     from huggingface_hub import HfApi
     from .network import bounded_hub
@@ -527,8 +527,10 @@ def push(staged_dir: str, repo_id: str, private: bool = False, revision: Optiona
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # an earlier publication's files that this one does not stage (a plot it has no data for) go in the same
+        # commit: the card must not show another run's curves; files sd-zoo never stages are left alone
         info = api.upload_folder(repo_id=repo_id, folder_path=staged_dir, revision=revision,
-                                 ignore_patterns=[STAGING_MARKER],
+                                 ignore_patterns=[STAGING_MARKER], delete_patterns=list(STAGED_FILES),
                                  commit_message=commit_message or f'Publish {repo_id} with sd-zoo')
     return info.commit_url
 

@@ -164,6 +164,14 @@ class HubHandler(BaseHTTPRequestHandler):
             etag = hashlib.sha256(data).hexdigest()
             return self._send(200, body=data, headers={
                 'X-Repo-Commit': branch['sha'], 'ETag': f'"{etag}"', 'Content-Type': 'application/octet-stream'})
+        m = re.match(r'^/api/models/([^/]+/[^/]+)/tree/([^/]+)$', path)  # list_repo_files (flat repositories)
+        if m:
+            branch = s.repos.get(m.group(1), {}).get(m.group(2))
+            if branch is None:
+                return self._send(404, {'error': 'Repository not found'}, headers={'X-Error-Code': 'RepoNotFound'})
+            return self._send(200, [{'type': 'file', 'path': name, 'size': len(data),
+                                     'oid': hashlib.sha1(data).hexdigest()}
+                                    for name, data in sorted(branch['files'].items())])
         m = re.match(r'^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$', path)
         if m:
             repo_id, revision = m.group(1), m.group(2) or 'main'

@@ -101,6 +101,16 @@ def test_publish_round_trip_over_http_then_offline(trained_run, tmp_path):
         res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--commit-message', 'again')
         assert res.returncode == 0, res.stderr[-3000:]
         assert [c[2] for c in state.commits] == ['first weights', 'again']
+        # a publication without a training-curve plot removes the earlier one (the card would show another run's
+        # curves); a file sd-zoo does not stage stays
+        state.repos[REPO_ID]['main']['files']['notes.txt'] = b'the owner\'s'
+        no_rows = tmp_path / 'no_rows'
+        shutil.copytree(run_dir, no_rows)
+        (no_rows / 'summary.csv').unlink()
+        res = _publish(no_rows, tmp_path / 'staged_no_rows', _env(endpoint, tmp_path), '--commit-message', 'no rows')
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert sorted(state.repos[REPO_ID]['main']['files']) == ['README.md', 'config.json', 'model.safetensors',
+                                                                 'notes.txt', 'survival_schedule.png']
         # --revision pushes to a branch (created when missing) and leaves main alone
         main_sha = state.repos[REPO_ID]['main']['sha']
         res = _publish(run_dir, staged, _env(endpoint, tmp_path), '--revision', 'dev', '--commit-message', 'dev')
