@@ -143,7 +143,8 @@ def _model_lines(model, arch: str, tag: Optional[str], checkpoint_name: str, use
 
 def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], train_note: str,
                     finished_epochs: Optional[int] = None) -> List[str]:
-    if not args:
+    """The recipe (what args.yaml records; nothing for a checkpoint without one), the measured time, the note."""
+    if not args and times is None and not train_note:
         return []
     rows = {k: args[k] for k in RECIPE_KEYS if args.get(k) not in (None, '') and _applies(k, args)}
     if 'epochs' in rows and isinstance(finished_epochs, int) and finished_epochs < rows['epochs']:

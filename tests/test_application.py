@@ -174,6 +174,11 @@ def test_card_says_how_many_epochs_ran_and_what_one_update_saw():
     assert '| batch_size | 128 per process x 2 processes x 2 accumulated = 512 per update |' in lines
     lines = '\n'.join(_training_lines(dict(epochs=50, batch_size=128, world_size=1), None, '', finished_epochs=50))
     assert '| epochs | 50 |' in lines and '| batch_size | 128 |' in lines
+    # a checkpoint without args.yaml: no recipe rows, but the measured time and the note are kept
+    times = dict(total_s=7200.0, epochs=10, median_epoch_s=700.0)
+    lines = '\n'.join(_training_lines({}, times, 'Trained on 2 cores.'))
+    assert '2.00 h over 10 epochs' in lines and 'Trained on 2 cores.' in lines and '| epochs |' not in lines
+    assert _training_lines({}, None, '') == []
 
 
 def test_card_lists_settings_only_where_they_were_read():
