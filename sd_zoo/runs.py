@@ -34,8 +34,7 @@ from .published import check_run_inputs, check_run_model_args
 from .stochastic_depth import set_gate_seed
 
 __all__ = ['RunFolder', 'RunFolderLock', 'create_run_model', 'run_input_overrides', 'model_kwargs_of', 'gate_seed_of',
-           'epochs_done',
-           'read_csv', 'training_curves', 'append_epoch_row', 'append_log_rows',
+           'epochs_done', 'read_csv', 'training_curves', 'append_epoch_row', 'append_log_rows',
            'write_epoch_record', 'read_epoch_record', 'reconcile_logs', 'training_times']
 
 _logger = logging.getLogger('sd_zoo.train')
