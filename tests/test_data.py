@@ -221,6 +221,23 @@ def test_eval_loader_equals_timm_transform(cifar10_dir, cache):
         assert torch.equal(ym, yp) and torch.equal(xm, xp)  # bit-identical inputs
 
 
+def test_every_pixel_value_normalizes_as_torchvision_does():
+    """The in-memory loader against ToTensor + Normalize, for all 256 values of each channel: its CPU path and
+    the lookup table it uses on other devices."""
+    from torchvision.transforms import functional as TF
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
+    values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16)
+    images = sd_data.DecodedImages(images=values.unsqueeze(0).contiguous(), labels=torch.zeros(1, dtype=torch.long),
+                                      classes=['a'])
+    loader = sd_data.TensorLoader(images, batch_size=1, mean=mean, std=std, device=torch.device('cpu'),
+                                  training=False)
+    (x, _), = list(loader)
+    expected = TF.normalize(TF.to_tensor(values.permute(1, 2, 0).numpy()), mean, std)
+    assert torch.equal(x[0], expected)
+    # the lookup that GPUs use (no GPU here: the table and its indexing, checked on the CPU)
+    assert torch.equal(sd_data.lookup_normalized(loader.table, images.images)[0], expected)
+
+
 @pytest.mark.slow
 def test_validate_same_results_on_both_loaders(cifar10_dir, cache):
     import sd_zoo
