@@ -76,22 +76,24 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--opt-eps', default=None, type=float)
     g.add_argument('--opt-betas', default=None, type=float, nargs='+')
     g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=1e-4)
+    g.add_argument('--weight-decay', type=float, default=1e-4, help='(timm train.py: 2e-5)')
     g.add_argument('--clip-grad', type=float, default=None)
     g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
     g.add_argument('--layer-decay', type=float, default=None)
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
     g = p.add_argument_group('learning rate schedule')
-    g.add_argument('--sched', default='multistep')
+    g.add_argument('--sched', default='multistep', help='(timm train.py: cosine)')
     g.add_argument('--sched-on-updates', action='store_true', default=False)
-    g.add_argument('--lr', type=float, default=0.1)
+    g.add_argument('--lr', type=float, default=0.1,
+                   help='(timm train.py: --lr-base 0.1 scaled by the global batch / 256)')
     g.add_argument('--warmup-lr', type=float, default=1e-5)
     g.add_argument('--min-lr', type=float, default=0.0)
-    g.add_argument('--epochs', type=int, default=500)
+    g.add_argument('--epochs', type=int, default=500, help='(timm train.py: 300)')
     g.add_argument('--start-epoch', type=int, default=None)
-    g.add_argument('--decay-milestones', default=[250, 375], type=int, nargs='+')
+    g.add_argument('--decay-milestones', default=[250, 375], type=int, nargs='+',
+                   help='the paper\'s CIFAR steps (timm train.py: 90 180 270)')
     g.add_argument('--decay-epochs', type=float, default=90)
-    g.add_argument('--warmup-epochs', type=int, default=0)
+    g.add_argument('--warmup-epochs', type=int, default=0, help='(timm train.py: 5)')
     g.add_argument('--warmup-prefix', action='store_true', default=False)
     g.add_argument('--cooldown-epochs', type=int, default=0)
     g.add_argument('--patience-epochs', type=int, default=10)
@@ -106,7 +108,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='RandomResizedCrop ratio')
     g.add_argument('--mixup', type=float, default=0.0)
     g.add_argument('--cutmix', type=float, default=0.0)
-    g.add_argument('--smoothing', type=float, default=0.0)
+    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing (timm train.py: 0.1)')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier (drop_rate)')
     g.add_argument('--drop-path', type=float, default=None, help='1 - p_L (model default 0.5; 0: constant depth)')
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False,
@@ -134,7 +136,9 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     pre, remaining = config_parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_config(pre.config, parser))
-    return parser.parse_args(remaining)
+    args = parser.parse_args(remaining)
+    args.config = pre.config  # recorded in args.yaml, as a Python train(config=...) records it
+    return args
 
 
 def make_train_args(config: str = '', **options) -> argparse.Namespace:
@@ -238,7 +242,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
             raise ValueError(f'config file {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
     if not isinstance(cfg, dict):
         raise ValueError(f'config file {path!r} must be a mapping of train.py flag names to values')
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}  # not settings: no nesting
     unknown = sorted(k for k in cfg if k not in actions)
     if unknown:
         raise ValueError(f'config file {path!r} has keys that sd-zoo train does not support: {", ".join(unknown)}'
@@ -270,6 +274,9 @@ def check_train_args(args: argparse.Namespace) -> None:
         if value is not None and not (low <= value <= high if closed else low <= value < high):
             raise ValueError(f'--{name.replace("_", "-")} must be in [{low:g}, {high:g}{"]" if closed else ")"}, '
                              f'got {value}')
+    milestones = list(args.decay_milestones or [])
+    if milestones != sorted(set(milestones)):  # timm counts the decays passed with bisect: unsorted miscounts
+        raise ValueError(f'--decay-milestones must increase, got {" ".join(map(str, milestones))}')
     if args.decay_epochs is not None and args.decay_epochs <= 0:
         raise ValueError(f'--decay-epochs must be greater than 0, got {args.decay_epochs:g}')
     if args.sched == 'plateau' and args.sched_on_updates:

@@ -62,7 +62,8 @@ class World:
         for name, text in (('float_epochs', 'epochs: 1.5\n'), ('unknown_key', 'not_a_flag: 3\n'),
                            ('a_list', '- epochs\n- 3\n'), ('broken', 'epochs: [1, 2\n'),
                            ('bad_choice', 'clip_mode: sideways\n'), ('str_lr', 'lr: fast\n'),
-                           ('scale_scalar', 'scale: 0.5\n'), ('mean_empty', 'mean: []\n')):
+                           ('scale_scalar', 'scale: 0.5\n'), ('mean_empty', 'mean: []\n'),
+                           ('nested_config', 'config: other.yaml\n')):
             self.yaml[name] = tmp / f'{name}.yaml'
             self.yaml[name].write_text(text)
         self.local = {}
@@ -180,6 +181,10 @@ BAD_INPUTS = [
     Bad('train-model-kwargs-bad-rule', lambda w: T(w, '--model-kwargs', 'sd_rule=zigzag'), "rule 'zigzag'"),
     Bad('train-drop-path-1', lambda w: T(w, '--drop-path', '1.0'), 'drop_path_rate must be in [0, 1)'),
     Bad('train-yaml-float-epochs', lambda w: T(w, '--config', str(w.yaml['float_epochs'])), 'epochs must be int'),
+    Bad('train-yaml-nested-config', lambda w: T(w, '--config', str(w.yaml['nested_config'])),
+        'has keys that sd-zoo train does not support: config'),
+    Bad('train-milestones-unsorted', lambda w: T(w, '--sched', 'multistep', '--decay-milestones', '375', '250'),
+        '--decay-milestones must increase, got 375 250'),
     Bad('train-yaml-unknown-key', lambda w: T(w, '--config', str(w.yaml['unknown_key'])), 'not_a_flag'),
     Bad('train-yaml-a-list', lambda w: T(w, '--config', str(w.yaml['a_list'])), 'must be a mapping'),
     Bad('train-yaml-broken', lambda w: T(w, '--config', str(w.yaml['broken'])), 'is not valid YAML'),

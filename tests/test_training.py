@@ -194,7 +194,7 @@ def test_config_scalars_of_list_flags_are_one_element_lists(tmp_path):
     from_yaml = vars(training.parse_train_args(['--config', str(config)]))
     from_flags = vars(training.parse_train_args(['--mean', '0.5', '--std', '0.25', '--decay-milestones', '250',
                                                  '--device-modules', 'sd_zoo', '--scale', '0.5', '1']))
-    assert from_yaml == dict(from_flags, config='')
+    assert from_yaml == dict(from_flags, config=str(config))  # the recipe is recorded, as train(config=...) does
     assert from_yaml['mean'] == [0.5] and from_yaml['decay_milestones'] == [250] and from_yaml['scale'] == [0.5, 1.0]
 
 
