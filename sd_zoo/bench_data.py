@@ -42,9 +42,10 @@ def _epoch(model, opt, loader, device, amp, channels_last, warmup_batches: int =
     """Seconds for one whole epoch of ``loader``, loading included, after a few untimed batches. The gates
     restart at step 0, so the epoch runs the same gate sequence as the fixed-batch steps it is compared with."""
     for i, (x, y) in enumerate(loader):
-        _train_batch(model, opt, x, y, device, amp, channels_last)
-        if i + 1 >= warmup_batches:
-            break
+        if i < warmup_batches:
+            _train_batch(model, opt, x, y, device, amp, channels_last)
+        # the rest of this pass is loaded untimed and unused: a new pass of persistent workers would first finish
+        # the batches they queued for an abandoned one, inside the timed epoch
     set_gate_seed(model, 0, step=0)
     _sync(device)
     start = time.perf_counter()
