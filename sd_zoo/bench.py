@@ -230,8 +230,10 @@ def _make_step(model: nn.Module, x, y, args, device):
     return step
 
 
-def time_interleaved(steps_by_name: Dict[str, Any], steps: int, warmup: int, device) -> Dict[str, List[float]]:
-    """Per-step wall times, one step of each variant in turn."""
+def time_interleaved(steps_by_name: Dict[str, Any], steps: int, warmup: int, device,
+                     after: Optional[Dict[str, Any]] = None) -> Dict[str, List[float]]:
+    """Per-step wall times, one step of each variant in turn; ``after[name]()`` runs after each of its steps,
+    outside the timed region (counting a step's gates costs one variant time the others do not spend)."""
     times = {name: [] for name in steps_by_name}
     for i in range(warmup + steps):
         for name, step in steps_by_name.items():
@@ -241,6 +243,8 @@ def time_interleaved(steps_by_name: Dict[str, Any], steps: int, warmup: int, dev
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+            if after and name in after:
+                after[name]()
     return times
 
 
@@ -268,17 +272,11 @@ def bench_train(args, device) -> Dict[str, Any]:
     x, y = _make_batch(args, any_model, device, args.batch_size)
     steps = {name: _make_step(m, x, y, args, device) for name, m in models.items()}
     active = {name: [] for name in ('sd_batch', 'sd_subset')}
-
-    def counting_sd_step(inner=steps['sd_batch']):
-        inner()
-        active['sd_batch'].append(sum(b.last_gate for b in stochastic_blocks(models['sd_batch'])))
-
-    def counting_subset_step(inner=steps['sd_subset']):
-        inner()  # active blocks in sample units: the kept fraction summed over blocks
-        active['sd_subset'].append(active_blocks(stochastic_blocks(models['sd_subset']), args.batch_size))
-    steps['sd_batch'] = counting_sd_step
-    steps['sd_subset'] = counting_subset_step
-    times = time_interleaved(steps, args.steps, args.warmup, device)
+    count_gates = {  # active blocks after each step (subset: in sample units, the kept fractions summed)
+        'sd_batch': lambda: active['sd_batch'].append(sum(b.last_gate for b in stochastic_blocks(models['sd_batch']))),
+        'sd_subset': lambda: active['sd_subset'].append(active_blocks(stochastic_blocks(models['sd_subset']),
+                                                                      args.batch_size))}
+    times = time_interleaved(steps, args.steps, args.warmup, device, after=count_gates)
 
     gates = stochastic_blocks(models['sd_batch'])  # blocks (sd-zoo ResNets) or branch gates (ViT, ConvNeXt)
     num_blocks = len(gates)
