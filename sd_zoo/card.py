@@ -17,9 +17,13 @@ PAPER_ERROR = {  # Table 1 of the paper, test error % (constant depth, stochasti
 # Constant-depth weights a user would compare against (top-1 % on the original CIFAR-10 test set)
 ANCHORS = {
     ('sd_resnet20', 'cifar10'): (('He et al. 2016, ResNet-20 (64k iterations, about 164 epochs)', 91.25),
-                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet20 (torch.hub)", 92.60)),
+                                 ("akamaster/pytorch_resnet_cifar10's resnet20 (200 epochs, zero-padding "
+                                  "shortcuts)", 91.73),
+                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet20 (torch.hub, 200 epochs)", 92.60)),
     ('sd_resnet56', 'cifar10'): (('He et al. 2016, ResNet-56 (64k iterations, about 164 epochs)', 93.03),
-                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet56 (torch.hub)", 94.37)),
+                                 ("akamaster/pytorch_resnet_cifar10's resnet56 (200 epochs, zero-padding "
+                                  "shortcuts)", 93.39),
+                                 ("chenyaofo/pytorch-cifar-models' cifar10_resnet56 (torch.hub, 200 epochs)", 94.37)),
 }
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'svhn': 'SVHN', 'in1k': 'ImageNet-1k'}
 HUB_DATASETS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'svhn': 'svhn', 'in1k': 'imagenet-1k'}
@@ -30,7 +34,8 @@ CITATION = """@inproceedings{huang2016deep,
   year={2016}
 }"""
 RECIPE_KEYS = ('epochs', 'batch_size', 'opt', 'lr', 'momentum', 'weight_decay', 'sched', 'decay_milestones',
-               'decay_epochs', 'decay_rate', 'min_lr', 'warmup_epochs', 'warmup_lr', 'smoothing', 'model_ema',
+               'decay_epochs', 'decay_rate', 'min_lr', 'warmup_epochs', 'warmup_lr', 'warmup_prefix',
+               'cooldown_epochs', 'sched_on_updates', 'smoothing', 'model_ema',
                'model_ema_decay', 'cifar_aug', 'amp', 'channels_last', 'val_holdout', 'seed')
 # timm's args.yaml holds every default: these keys only mean something to some schedules
 # (timm's create_scheduler_v2: poly reads decay_rate as its power, wsd/rsqrt decay_epochs as the decay phase)
@@ -162,8 +167,10 @@ def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], tra
 
 
 def _applies(key: str, args: Dict[str, Any]) -> bool:
-    if key == 'warmup_lr':
-        return bool(args.get('warmup_epochs'))
+    if key in ('warmup_lr', 'warmup_prefix'):  # the prefix only when set: it adds the warm-up to the epochs
+        return bool(args.get('warmup_epochs')) and (key == 'warmup_lr' or bool(args.get(key)))
+    if key == 'cooldown_epochs':
+        return bool(args.get(key))
     if key in _ONLY_WITH:  # a setting that nothing read when its switch was off
         return bool(args.get(_ONLY_WITH[key]))
     return key not in _SCHEDULE_KEYS or args.get('sched') in _SCHEDULE_KEYS[key]
@@ -190,8 +197,8 @@ def anchor_lines(arch: str, tag: Optional[str], results: Optional[Dict[str, Any]
     lines = ['## Against published weights', '', '| weights | test top-1 | this model minus it |', '|---|---|---|',
              f'| this model ({results["split"]}, {results["images"]} images) | {results["top1"]:.2f} | |']
     lines += [f'| {name} | {top1:.2f} | {results["top1"] - top1:+.2f} |' for name, top1 in anchors]
-    return lines + ['', 'The published numbers are on the original lossless test images, with longer schedules; '
-                        'see the results\' note on the test images used here.', '']
+    return lines + ['', 'The published numbers are on the original lossless test images, each with the schedule '
+                        'named; see the results\' note on the test images used here.', '']
 
 
 def comparison_lines(comparison: Dict[str, Any], results, times) -> List[str]:

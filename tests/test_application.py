@@ -190,6 +190,21 @@ def test_card_lists_settings_only_where_they_were_read():
     assert '| model_ema_decay | 0.9998 |' in on
 
 
+def test_card_says_how_the_schedule_counts_its_epochs():
+    from sd_zoo.card import _training_lines
+    # sd_resnet56's recipe warms up per step; a cooldown or a warm-up prefix adds epochs to --epochs in timm
+    recipe = dict(epochs=200, sched='cosine', warmup_epochs=1, warmup_lr=0.01, warmup_prefix=False,
+                  cooldown_epochs=0, sched_on_updates=True)
+    plain = '\n'.join(_training_lines(recipe, None, ''))
+    assert '| sched_on_updates | True |' in plain and '| warmup_lr | 0.01 |' in plain
+    assert 'warmup_prefix' not in plain and 'cooldown_epochs' not in plain
+    extended = '\n'.join(_training_lines(dict(recipe, warmup_prefix=True, cooldown_epochs=10), None, ''))
+    assert '| warmup_prefix | True |' in extended and '| cooldown_epochs | 10 |' in extended
+    # no warm-up: no prefix, whatever args.yaml holds
+    assert 'warmup_prefix' not in '\n'.join(_training_lines(dict(recipe, warmup_epochs=0, warmup_prefix=True),
+                                                             None, ''))
+
+
 def test_card_time_line_says_a_slower_epoch_and_the_gates_limit():
     from sd_zoo.card import time_saving_line
     base = dict(median_epoch_s=100.0, total_s=1000.0, epochs=10)

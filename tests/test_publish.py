@@ -254,6 +254,7 @@ def test_card_compares_with_the_constant_depth_twin(trained_run, tmp_path):
     # beside the published ResNet-20 weights, with the difference in points
     assert '## Against published weights' in card
     assert f'| 91.25 | {result["results"]["top1"] - 91.25:+.2f} |' in card and '| 92.60 |' in card
+    assert "akamaster/pytorch_resnet_cifar10's resnet20 (200 epochs, zero-padding shortcuts) | 91.73 |" in card
     # the twin's own card says what it is
     publish_main([str(out / 'constant'), '--repo-id', REPO_ID, '--checkpoint', 'last', '--dry-run', '--out',
                   str(tmp_path / 'constant')])
