@@ -3,6 +3,7 @@
 # records here, validate the last epoch's raw weights of each on the full shared test split, stage the SD run as
 # sd_zoo/weights/sd_resnet20.cifar10 (replacing the shipped weights, with the constant-depth twin on its card),
 # then the fixed-subset validate whose top-1 goes into tests/test_pretrained.py and the README.
+# STAGE_ONLY=1 re-stages the card from the records already here (after a change to the card's text).
 set -euo pipefail
 SD=${1:-/work/runs/sd_resnet20_c10_200ep}
 TWIN=${2:-/work/runs/sd_resnet20_c10_200ep_constant}
@@ -15,6 +16,7 @@ for R in "$SD" "$TWIN"; do
   [[ -f $R/results.json ]] || { echo "$R has no results.json: the run has not finished (restart.sh resume)"; exit 1; }
 done
 for pair in "sd:$SD" "constant:$TWIN"; do
+  [[ -n ${STAGE_ONLY:-} ]] && break
   name=${pair%%:*}; R=${pair#*:}
   mkdir -p "$H/$name"
   for f in args.yaml summary.csv epochs.csv results.json; do cp "$R/$f" "$H/$name/"; done
