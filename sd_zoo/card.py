@@ -167,9 +167,11 @@ def _training_lines(args: Dict[str, Any], times: Optional[Dict[str, float]], tra
 
 
 def _applies(key: str, args: Dict[str, Any]) -> bool:
-    if key in ('warmup_lr', 'warmup_prefix'):  # the prefix only when set: it adds the warm-up to the epochs
-        return bool(args.get('warmup_epochs')) and (key == 'warmup_lr' or bool(args.get(key)))
-    if key == 'cooldown_epochs':
+    if key == 'warmup_lr':
+        return bool(args.get('warmup_epochs'))
+    if key == 'warmup_prefix':  # shown only when set: it adds the warm-up epochs to --epochs
+        return bool(args.get('warmup_epochs')) and bool(args.get(key))
+    if key == 'cooldown_epochs':  # shown only when set: it adds epochs to --epochs
         return bool(args.get(key))
     if key in _ONLY_WITH:  # a setting that nothing read when its switch was off
         return bool(args.get(_ONLY_WITH[key]))
